@@ -1,0 +1,188 @@
+"""`leoclr`: run pretraining, evaluation and the crop-semantics experiment from the command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .spec import EvaluateSpec, PretrainSpec, SpecError, load_spec
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="LeOCLR self-supervised pretraining.")
+experiment_app = typer.Typer(no_args_is_help=True, help="Experiments that test the method's claims.")
+app.add_typer(experiment_app, name="experiment")
+console = Console(stderr=True)
+
+SetOption = typer.Option(None, "--set", "-s", help="Override a spec field: section.field=value (repeatable).")
+
+
+def _load(path: Path, overrides: Optional[list[str]], kind: str) -> Any:
+    try:
+        spec = load_spec(path, overrides or [])
+    except SpecError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    if spec.kind != kind:
+        console.print(f"[red]error:[/red] {path} is a '{spec.kind}' spec; this command runs '{kind}' specs")
+        raise typer.Exit(2)
+    return spec
+
+
+class ProgressCallbacks:
+    """A rich progress bar over all steps of the run: epoch, step, instances/s, loss, ETA."""
+
+    def __init__(self, progress: Progress):
+        self.progress, self.task = progress, None
+
+    def on_start(self, state) -> None:
+        total = state.epochs * state.steps_per_epoch
+        done = state.start_epoch * state.steps_per_epoch
+        self.steps_per_epoch = state.steps_per_epoch
+        self.task = self.progress.add_task(
+            "pretrain", total=total, completed=done, epoch=f"{state.start_epoch}/{state.epochs}",
+            loss="-", ips="-", knn="-",
+        )
+        self.epochs = state.epochs
+
+    def on_log(self, record: dict) -> None:
+        self.progress.update(
+            self.task, completed=record["step"], epoch=f"{record['epoch']}/{self.epochs}",
+            loss=f"{record['loss']:.3f}", ips=f"{record['instances_per_s']:.0f}",
+        )
+
+    def on_epoch(self, record: dict, state) -> None:
+        fields = {"completed": record["step"], "epoch": f"{record['epoch']}/{self.epochs}", "loss": f"{record['loss']:.3f}"}
+        if "knn_top1" in record:
+            fields["knn"] = f"{record['knn_top1']:.1f}"
+        self.progress.update(self.task, **fields)
+
+    def on_checkpoint(self, path: Path, epoch: int) -> None: ...
+
+
+def make_progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]epoch {task.fields[epoch]}"),
+        BarColumn(),
+        TextColumn("step {task.completed}/{task.total}"),
+        TextColumn("{task.fields[ips]} inst/s"),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("k-NN {task.fields[knn]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not console.is_terminal and not _force_progress(),
+    )
+
+
+def _force_progress() -> bool:
+    import os
+
+    return os.environ.get("LEOCLR_PROGRESS") == "1"
+
+
+class LineCallbacks:
+    """Plain log lines for non-terminals (CI, files): one line per epoch."""
+
+    def on_start(self, state) -> None:
+        console.print(f"training {state.epochs} epochs x {state.steps_per_epoch} steps, from epoch {state.start_epoch}")
+
+    def on_log(self, record: dict) -> None: ...
+
+    def on_epoch(self, record: dict, state) -> None:
+        knn = f"  k-NN {record['knn_top1']:.2f}%" if "knn_top1" in record else ""
+        console.print(
+            f"epoch {record['epoch']}/{state.epochs}  step {record['step']}  loss {record['loss']:.4f}  "
+            f"{record['instances_per_s']:.0f} inst/s  lr {record['lr']:.4f}{knn}"
+        )
+
+    def on_checkpoint(self, path: Path, epoch: int) -> None: ...
+
+
+@app.command()
+def pretrain(
+    spec_path: Path = typer.Argument(..., help="A pretrain job spec (YAML or JSON)."),
+    overrides: Optional[list[str]] = SetOption,
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder (default: runs/<name>)."),
+    device: Optional[str] = typer.Option(None, help="Torch device, e.g. cpu or cuda:0 (default: from the spec)."),
+) -> None:
+    """Pretrain an encoder with LeOCLR (or the MoCo-v2 baseline) in this process."""
+    from .train import pretrain as run
+
+    spec: PretrainSpec = _load(spec_path, overrides, "pretrain")
+    out = output or spec.out_dir
+    console.print(f"[bold]{spec.name}[/bold]: {spec.method} on {spec.data.source}, backbone {spec.model.backbone}, "
+                  f"{spec.optim.epochs} epochs -> {out}")
+    try:
+        if console.is_terminal or _force_progress():
+            with make_progress() as progress:
+                state = run(spec, device=device, callbacks=ProgressCallbacks(progress), out_dir=out)
+        else:
+            state = run(spec, device=device, callbacks=LineCallbacks(), out_dir=out)
+    except (ValueError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    final = state.final
+    knn = f"{final['knn_top1']:.2f}%" if "knn_top1" in final else "n/a (no labelled test split)"
+    console.print(f"final k-NN top-1 (offline, k={spec.eval.knn_k}, backbone features): [bold]{knn}[/bold]")
+    console.print(f"encoder: {out / 'encoder.pt'}   metrics: {out / 'metrics.jsonl'}")
+    typer.echo(json.dumps({"name": spec.name, "out_dir": str(out), **{k: v for k, v in final.items() if k != 'type'}}))
+
+
+@app.command()
+def evaluate(
+    spec_path: Path = typer.Argument(..., help="An evaluate job spec (YAML or JSON)."),
+    overrides: Optional[list[str]] = SetOption,
+    device: Optional[str] = typer.Option(None, help="Torch device (default: cuda if the spec uses GPUs)."),
+) -> None:
+    """Evaluate a frozen encoder: k-NN and/or a linear probe on a labelled data source."""
+    from .run_eval import evaluate_job
+
+    spec: EvaluateSpec = _load(spec_path, overrides, "evaluate")
+    try:
+        result = evaluate_job(spec, device=device)
+    except (ValueError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    table = Table("protocol", "top-1 %")
+    for k, v in result.items():
+        if isinstance(v, float):
+            table.add_row(k, f"{v:.2f}")
+    console.print(table)
+    typer.echo(json.dumps(result))
+
+
+@experiment_app.command("crop-semantics")
+def crop_semantics(
+    quick: bool = typer.Option(False, "--quick", help="A seconds-long version (for tests); numbers are not meaningful."),
+    output: Path = typer.Option(Path("runs/crop-semantics"), "--output", "-o"),
+    device: Optional[str] = typer.Option(None, help="Torch device (default: cuda if available, else cpu)."),
+    epochs: Optional[int] = typer.Option(None, help="Override the epochs of every run."),
+    variants: Optional[list[str]] = typer.Option(None, "--variant", help="Run only these variants (repeatable)."),
+    overrides: Optional[list[str]] = SetOption,
+) -> None:
+    """Train LeOCLR and MoCo-v2 with the same seed, data, epochs and backbone; table + plot."""
+    from .experiment import run_crop_semantics
+
+    try:
+        run_crop_semantics(output, quick=quick, device=device, epochs=epochs, only=variants,
+                           overrides=overrides or [], console=console)
+    except (SpecError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+def main() -> None:  # pragma: no cover
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

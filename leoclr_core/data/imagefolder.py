@@ -1,0 +1,157 @@
+"""A folder of image files: `path/<class>/<img>` (labelled) or any tree of images (unlabelled).
+
+Splits: when `path/train` and `path/val` (or `path/test`) exist they are the splits; otherwise
+the test split is a seeded hold-out of `num_test` files and train is the rest, so the same seed
+always gives the same, disjoint, splits. File lists are sorted, so indices are stable.
+
+Decoding is lazy (in DataLoader workers). A corrupt or truncated file raises CorruptImageError,
+which the base class turns into a skip; truncated files are NOT silently padded (PIL's
+LOAD_TRUNCATED_IMAGES is left alone), because half a photo is a wrong training sample.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from leoclr_core.data.base import CorruptImageError, ImageSource, check_resize, check_split
+
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+_SPLIT_TAG = 0x1F01DE5  # keeps the hold-out stream apart from other seeded draws
+
+
+def _is_image(p: Path) -> bool:
+    return p.suffix.lower() in EXTENSIONS and p.is_file() and not p.name.startswith(".")
+
+
+def list_images(root: Path) -> list[Path]:
+    """Every image file under `root`, recursively, sorted by path (hidden files skipped)."""
+    return sorted(p for p in root.rglob("*") if _is_image(p))
+
+
+def split_roots(root: Path) -> tuple[Path, Path] | None:
+    """(train, test) folders when the tree is pre-split, else None. `val` wins over `test`."""
+    if not (root / "train").is_dir():
+        return None
+    for name in ("val", "test"):
+        if (root / name).is_dir():
+            return root / "train", root / name
+    return None
+
+
+def _class_dirs(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _seeded_perm(n: int, seed: int, key: int) -> np.ndarray:
+    ss = np.random.SeedSequence([_SPLIT_TAG, seed % 2**64], spawn_key=(key,))
+    return np.random.Generator(np.random.PCG64(ss)).permutation(n)
+
+
+class ImageFolder(ImageSource):
+    """Images decoded with PIL, converted to RGB; see the module docstring for layout and splits."""
+
+    name = "imagefolder"
+
+    def __init__(
+        self,
+        path: str | Path,
+        split: str = "train",
+        *,
+        labelled: bool = True,
+        num_images: int | None = None,
+        num_test: int = 1000,
+        seed: int = 0,
+        resize_to: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.split = check_split(split)
+        if num_images is not None and num_images < 1:
+            raise ValueError(f"num_images must be a positive int or None (all), got {num_images!r}")
+        if num_test < 0:
+            raise ValueError(f"num_test must be >= 0, got {num_test}")
+        self.root = Path(path).expanduser()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder '{self.root}' does not exist or is not a directory")
+        self.labelled = bool(labelled)
+        self.resize_to = check_resize(resize_to)
+        self.fixed_size = self.resize_to
+
+        roots = split_roots(self.root)
+        class_root = roots[0] if roots else self.root
+        self.class_names = _class_dirs(class_root) if self.labelled else None
+        if self.labelled and not self.class_names:
+            raise ValueError(
+                f"'{class_root}' has no class sub-folders; use <path>/<class>/<image> or labelled: false"
+            )
+        self.classes = self.class_names
+
+        if roots:
+            files = self._collect(roots[0] if split == "train" else roots[1])
+            cap = num_images if split == "train" else num_test
+            files = self._subset(files, cap, seed, key=0 if split == "train" else 1)
+        else:
+            files = self._collect(self.root)
+            if num_test >= len(files):
+                raise ValueError(
+                    f"'{self.root}' has {len(files)} images, too few to hold out num_test_images={num_test} "
+                    "for the test split and still train on the rest"
+                )
+            held = np.zeros(len(files), bool)
+            held[_seeded_perm(len(files), seed, key=2)[:num_test]] = True
+            files = [f for f, h in zip(files, held) if h == (split == "test")]
+            if split == "train":
+                files = self._subset(files, num_images, seed, key=0)
+        if not files:
+            raise ValueError(
+                f"no {split} images found under '{self.root}' "
+                f"(extensions {', '.join(EXTENSIONS)}; num_test_images={num_test})"
+            )
+        self.files = [p for p, _ in files]
+        self.labels = np.array([lab for _, lab in files], dtype=np.int64)
+
+    def _collect(self, root: Path) -> list[tuple[Path, int]]:
+        if not self.labelled:
+            return [(p, -1) for p in list_images(root)]
+        out: list[tuple[Path, int]] = []
+        known = {name: i for i, name in enumerate(self.class_names or [])}
+        for name in _class_dirs(root):
+            if name not in known:
+                raise ValueError(f"class folder '{root / name}' is not among the training classes {list(known)}")
+            out += [(p, known[name]) for p in list_images(root / name)]
+        return out
+
+    @staticmethod
+    def _subset(files: list, cap: int | None, seed: int, key: int) -> list:
+        """A seeded subset of `cap` files, kept in sorted order (the first N would be one class)."""
+        if cap is None or cap >= len(files):
+            return files
+        keep = np.sort(_seeded_perm(len(files), seed, key)[:cap])
+        return [files[i] for i in keep]
+
+    @property
+    def targets(self) -> np.ndarray:
+        return self.labels.copy() if self.labelled else np.full(len(self), -1, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def describe_item(self, index: int) -> str:
+        return str(self.files[index])
+
+    def _load(self, index: int) -> tuple[torch.Tensor, int]:
+        path = self.files[index]
+        try:
+            with Image.open(path) as im:
+                if self.resize_to is not None:
+                    im.draft("RGB", (self.resize_to, self.resize_to))  # JPEG: decode at reduced scale
+                im.load()  # forces full decoding here, so truncation is caught here
+                rgb = im.convert("RGB")
+        except _DECODE_ERRORS as exc:  # UnidentifiedImageError is an OSError
+            raise CorruptImageError(f"{type(exc).__name__}: {exc}") from exc
+        array = np.asarray(rgb, dtype=np.uint8)
+        return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous(), int(self.labels[index])

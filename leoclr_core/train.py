@@ -1,0 +1,311 @@
+"""A whole pretraining run in one process: data, views, method, epochs, k-NN, checkpoints, outputs.
+
+The Ray layer runs this same loop inside each worker; here it runs without Ray (`--local`, tests,
+the GPU benchmark box). Outputs in the run folder: `checkpoints/epoch-NNNN.pt`, `metrics.jsonl`
+(one JSON record per log window and per epoch), `encoder.pt` and `summary.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from . import dist
+from .augment import BatchedViews
+from .checkpoint import (
+    atomic_save,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_training_state,
+    save_checkpoint,
+    training_state,
+)
+from .data import ImageSource, build_source, collate_images
+from .engine import (
+    Runtime,
+    build_optimizer,
+    build_scheduler,
+    prepare_method,
+    resolve_runtime,
+    train_epoch,
+)
+from .evaluate import EvalResult, evaluate_backbone
+from .methods import MomentumMethod, build_method
+from .model import build_backbone
+from .spec import DataSpec, ModelSpec, PretrainSpec
+from .views import make_view_transform
+
+log = logging.getLogger(__name__)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """Views and sampling of an epoch depend only on (seed, epoch, rank): a resumed epoch replays."""
+    return (seed * 1_000_003 + epoch * 7_919 + rank * 104_729) % (2**63 - 1)
+
+
+class ViewDataset(Dataset):
+    """Per-sample views on the CPU (DataLoader workers): (views, label, skipped)."""
+
+    def __init__(self, source: ImageSource, transform: Callable):
+        self.source, self.transform = source, transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int):
+        image, label, skipped = self.source[i]
+        return self.transform(image), label, skipped
+
+
+def _collate_views(batch):
+    views = tuple(torch.stack([b[0][v] for b in batch]) for v in range(len(batch[0][0])))
+    labels = torch.tensor([b[1] for b in batch], dtype=torch.long)
+    return views, labels, sum(b[2] for b in batch)
+
+
+def resize_for_batching(data: DataSpec) -> int:
+    """Square size file images are decoded to when batches must stack (batched/GPU views)."""
+    return max(data.image_size, round(data.image_size * 8 / 7))
+
+
+class ViewFeed:
+    """Turns a data source into batches of views on the training device, one epoch at a time.
+
+    `augment.device` = cpu: torchvision v2 per sample in the loader; gpu (or `batched` on CPU):
+    uint8 images go to the device and `BatchedViews` makes all views of a batch at once.
+    """
+
+    def __init__(self, spec: PretrainSpec, method: MomentumMethod, runtime: Runtime, source: ImageSource):
+        aug, data = spec.augment, spec.data
+        on_device = aug.device == "gpu" or (aug.device == "auto" and runtime.device.type == "cuda")
+        self.batched = on_device or aug.batched
+        self.runtime, self.spec, self.source = runtime, spec, source
+        self.per_worker_batch = spec.optim.batch_size // dist.world_size()
+        if self.batched:
+            self.maker = BatchedViews(aug, data.image_size, data.mean, data.std, kinds=method.view_kinds)
+            self.dataset: Dataset = source
+            self.collate = collate_images
+        else:
+            transform = make_view_transform(spec.method, aug, data.image_size, data.mean, data.std)
+            self.dataset = ViewDataset(source, transform)
+            self.collate = _collate_views
+        self.sampler = DistributedSampler(
+            self.dataset, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=True,
+            seed=spec.seed, drop_last=True,
+        )
+        self.steps_per_epoch = len(self.sampler) // self.per_worker_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{len(source)} images make no full batch of {self.per_worker_batch} per worker"
+            )
+        self.skipped = 0
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        seed = epoch_seed(self.spec.seed, epoch, dist.rank())
+        torch.manual_seed(seed)
+        self.sampler.set_epoch(epoch)
+        loader = DataLoader(
+            self.dataset,
+            batch_size=self.per_worker_batch,
+            sampler=self.sampler,
+            drop_last=True,
+            num_workers=self.spec.scaling.loader_workers,
+            collate_fn=self.collate,
+            pin_memory=self.runtime.device.type == "cuda",
+            generator=torch.Generator().manual_seed(seed),
+        )
+        gen = None
+        if self.batched:
+            gen = torch.Generator(device=self.runtime.device).manual_seed(seed)
+        for payload, _labels, skipped in loader:
+            self.skipped += skipped
+            if self.batched:
+                images = payload.to(self.runtime.device, non_blocking=True)
+                views = self.maker(images, generator=gen)
+                yield tuple(self.runtime.to_device(v) for v in views)
+            else:
+                yield tuple(self.runtime.to_device(v) for v in payload)
+
+
+@dataclass
+class RunState:
+    """What the caller of `pretrain` sees during and after the run."""
+
+    out_dir: Path
+    epochs: int
+    steps_per_epoch: int
+    start_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    final: dict[str, Any] = field(default_factory=dict)
+
+
+class Callbacks:
+    """Hooks for progress displays and trackers; every method is optional."""
+
+    def on_start(self, state: RunState) -> None: ...
+    def on_log(self, record: dict[str, Any]) -> None: ...
+    def on_epoch(self, record: dict[str, Any], state: RunState) -> None: ...
+    def on_checkpoint(self, path: Path, epoch: int) -> None: ...
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: Path, completed_epochs: int) -> None:
+    """On resume, drop records of epochs after the checkpoint: they will be run again."""
+    if not path.exists():
+        return
+    kept = [
+        line for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line).get("epoch", 0) <= completed_epochs
+    ]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def run_knn(
+    backbone: nn.Module, spec: PretrainSpec, runtime: Runtime, train_set: ImageSource, test_set: ImageSource | None,
+    linear: bool = False,
+) -> EvalResult:
+    if test_set is None or not train_set.labelled or not train_set.num_classes:
+        return EvalResult()
+    d, e = spec.data, spec.eval
+    return evaluate_backbone(
+        backbone, train_set, test_set, runtime, num_classes=train_set.num_classes, size=d.image_size,
+        mean=d.mean, std=d.std, knn=True, linear=linear, k=e.knn_k, knn_temperature=e.knn_temperature,
+        probe_epochs=e.probe_epochs, probe_lr=e.probe_lr,
+    )
+
+
+def save_encoder(path: Path, backbone: nn.Module, model: ModelSpec, extra: dict[str, Any] | None = None) -> Path:
+    """The exported encoder: backbone weights plus the model section needed to rebuild it."""
+    return atomic_save(
+        {"model": model.model_dump(mode="json"), "backbone": backbone.state_dict(), **(extra or {})}, path
+    )
+
+
+def load_backbone(path: str | Path) -> tuple[nn.Module, ModelSpec]:
+    """A backbone from `encoder.pt`, a checkpoint file, or a run folder (its newest checkpoint)."""
+    p = Path(path)
+    if p.is_dir() and (p / "encoder.pt").is_file():
+        p = p / "encoder.pt"
+    elif p.is_dir() and (p / "checkpoints").is_dir():
+        p = p / "checkpoints"
+    if p.name == "encoder.pt" and p.is_file():
+        state = torch.load(p, map_location="cpu", weights_only=False)
+    else:
+        state = load_checkpoint(p)
+    if "backbone" in state:
+        model, weights = ModelSpec(**state["model"]), state["backbone"]
+    elif "query" in state:
+        model = ModelSpec(**state["spec"]["model"])
+        weights = {k.removeprefix("backbone."): v for k, v in state["query"].items() if k.startswith("backbone.")}
+    else:
+        raise ValueError(f"{path} holds neither an exported encoder nor a training checkpoint")
+    backbone, _ = build_backbone(model)
+    backbone.load_state_dict(weights)
+    return backbone.eval(), model
+
+
+def pretrain(
+    spec: PretrainSpec,
+    *,
+    device: torch.device | str | None = None,
+    callbacks: Callbacks | None = None,
+    out_dir: Path | None = None,
+) -> RunState:
+    """Run (or resume) the pretraining described by `spec`; returns the history and final metrics."""
+    cb = callbacks or Callbacks()
+    out = Path(out_dir) if out_dir else spec.out_dir
+    ckpt_dir, metrics_path = out / "checkpoints", out / "metrics.jsonl"
+    main = dist.rank() == 0
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "spec.json").write_text(spec.model_dump_json(indent=2))
+    runtime = resolve_runtime(spec.scaling, device)
+    torch.manual_seed(spec.seed)  # initial weights and queue depend only on the seed
+
+    if spec.optim.batch_size % dist.world_size():
+        raise ValueError(f"optim.batch_size {spec.optim.batch_size} is not divisible by {dist.world_size()} workers")
+    batched_files = spec.data.source != "synthetic-objects"
+    train_set = build_source(spec.data, "train", resize_to=resize_for_batching(spec.data) if batched_files else None)
+    if spec.loss.queue_size > len(train_set):
+        raise ValueError(
+            f"loss.queue_size ({spec.loss.queue_size}) exceeds the {len(train_set)} training images; "
+            "the queue would hold keys of the very images it is contrasted with"
+        )
+    test_set = build_source(spec.data, "test", resize_to=spec.data.image_size if batched_files else None) \
+        if spec.data.num_test_images > 0 and train_set.labelled else None
+
+    method = build_method(spec.method, spec.model, spec.loss, spec.optim.batch_size // dist.world_size(),
+                          distributed=dist.is_distributed())
+    method = prepare_method(method, runtime)
+    feed = ViewFeed(spec, method, runtime, train_set)
+    optimizer = build_optimizer(method, spec.optim)
+    scheduler = build_scheduler(optimizer, spec.optim, feed.steps_per_epoch)
+
+    state = RunState(out_dir=out, epochs=spec.optim.epochs, steps_per_epoch=feed.steps_per_epoch)
+    global_step = 0
+    found = latest_checkpoint(ckpt_dir) if spec.checkpoint.resume else None
+    if found is not None:
+        ckpt = load_checkpoint(found)
+        state.start_epoch, global_step = restore_training_state(ckpt, method, optimizer, scheduler)
+        state.final = ckpt.get("metrics", {})
+        log.info("resumed from %s (epoch %d, step %d)", found, state.start_epoch, global_step)
+        if main:
+            _truncate_metrics(metrics_path, state.start_epoch)
+    elif main and metrics_path.exists():
+        metrics_path.unlink()
+    cb.on_start(state)
+
+    total_steps = spec.optim.epochs * feed.steps_per_epoch
+    every, last = spec.eval.knn_every, spec.optim.epochs
+    for epoch in range(state.start_epoch, spec.optim.epochs):
+        def on_log(record: dict[str, Any], _epoch: int = epoch) -> None:
+            record = {"type": "step", "epoch": _epoch + 1, **record}
+            if main:
+                _append_jsonl(metrics_path, record)
+            cb.on_log(record)
+
+        result = train_epoch(
+            method, optimizer, scheduler, feed.epoch(epoch), runtime,
+            global_step=global_step, total_steps=total_steps, momentum_base=spec.loss.momentum,
+            momentum_schedule=spec.loss.momentum_schedule, log_every=spec.scaling.log_every, on_log=on_log,
+        )
+        global_step += result.steps
+        done = epoch + 1
+        record: dict[str, Any] = {
+            "type": "epoch", "epoch": done, "step": global_step, "loss": result.loss, "lr": result.last_lr,
+            "momentum": result.last_momentum, "instances_per_s": result.instances_per_s,
+            "epoch_seconds": result.seconds, "skipped_files": feed.skipped,
+        }
+        if (every and done % every == 0) or done == last:
+            evald = run_knn(method.query_encoder.backbone, spec, runtime, train_set, test_set,
+                            linear=spec.eval.linear_probe and done == last)
+            record.update(evald.as_metrics())
+        state.history.append(record)
+        if main:
+            if done % spec.checkpoint.every == 0 or done == last:
+                st = training_state(method, optimizer, scheduler, epoch=done, global_step=global_step,
+                                    spec=spec.model_dump(mode="json"), metrics=record)
+                cb.on_checkpoint(save_checkpoint(st, ckpt_dir, spec.checkpoint.keep), done)
+            _append_jsonl(metrics_path, record)
+        cb.on_epoch(record, state)
+
+    if main:
+        state.final = state.history[-1] if state.history else state.final
+        save_encoder(out / "encoder.pt", method.query_encoder.backbone, spec.model,
+                     {"method": spec.method, "metrics": state.final})
+        summary = {"name": spec.name, "method": spec.method, "epochs": spec.optim.epochs,
+                   "final": state.final, "finished_at": time.time()}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return state
