@@ -1,0 +1,357 @@
+"""Batched LeOCLR / MoCo-v2 views: one call makes every view of a whole batch, on the batch's device.
+
+Why this exists: contrastive pretraining needs two or three freshly augmented views of every image at
+every step. Made per sample in DataLoader workers (views.py) that work is done by a few CPU cores, and
+a GPU fed by them idles waiting for its next batch. Here each random choice is still drawn per sample,
+from the same distributions as the torchvision path, but applied as whole-batch tensor ops: no Python
+loop over samples and no host-device synchronisation, so it runs on the training device right before
+the forward pass. The same code runs on CPU tensors; that is how it is tested on machines without a
+GPU, and for small images it is also much faster than the per-sample CPU path.
+
+Geometry uses `torchvision.ops.roi_align` with one box per view: the square resize of X is the box of
+the whole image, a crop is RandomResizedCrop's box; all of them are sampled in one call straight from
+the uint8 batch (converted to float once). With adaptive sampling (ceil(box side / output side)
+sub-samples per output pixel, averaged) it antialiases downscaling (64 -> 32 px is an exact 2x2 mean),
+where plain bilinear `grid_sample` would alias, and it needs no per-view copy of the input.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.ops import roi_align
+
+if TYPE_CHECKING:  # read by attribute only, so this module needs nothing but torch and torchvision
+    from .spec import AugmentSpec
+
+KINDS = ("original", "crop")
+BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # column of each jitter factor; ids in `order`
+LUMA = (0.2989, 0.587, 0.114)  # ITU-R 601-2 weights, as torchvision's rgb_to_grayscale
+_CPU_SMALL_CONV = 1 << 20  # below this many multiply-adds per blur pass, shifted sums beat a CPU conv
+_CPU_CHUNK_FLOATS = 1 << 19  # floats per CPU chunk of views: 2 MiB, half of a typical L2 cache
+
+
+def blur_kernel_size(size: int) -> int:
+    """MoCo-v2 blurs with a kernel about 10% of the view side (23 px at 224): odd, at least 3."""
+    return max(3, int(0.1 * size) // 2 * 2 + 1)
+
+
+def check_view_args(size: int, mean: Sequence[float], std: Sequence[float]) -> tuple[tuple, tuple]:
+    """Validate what every view transform is built from; returns mean and std as 3-tuples of floats."""
+    if not isinstance(size, int) or isinstance(size, bool) or size < 4:
+        raise ValueError(f"view size must be an integer >= 4, got {size!r}")
+    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"mean and std need one value per RGB channel, got {list(mean)} and {list(std)}")
+    if any(not s > 0 for s in std):
+        raise ValueError(f"std must be positive, got {list(std)}")
+    return mean, std
+
+
+# ---------------------------------------------------------------- parameter sampling
+def _rand(shape: tuple[int, ...], generator: torch.Generator | None, device) -> Tensor:
+    return torch.rand(shape, generator=generator, device=device)
+
+
+def sample_mask(n: int, p: float, generator=None, device=None) -> Tensor:
+    """(n,) bool, each True with probability p (p=0 never, p=1 always)."""
+    return _rand((n,), generator, device) < p
+
+
+def _fallback_size(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int]:
+    """RandomResizedCrop's box when 10 tries fail: the whole image, clipped to the ratio range."""
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        return width, int(round(width / ratio[0]))
+    if in_ratio > ratio[1]:
+        return int(round(height * ratio[1])), height
+    return width, height
+
+
+def sample_crop_boxes(n: int, height: int, width: int, scale: tuple[float, float],
+                      ratio: tuple[float, float], generator=None, device=None, tries: int = 10) -> Tensor:
+    """(n, 4) float boxes (x0, y0, x1, y1) in pixels, drawn like `RandomResizedCrop.get_params`.
+
+    Each row makes `tries` proposals at once (area fraction ~ U(scale), log aspect ~ U(log ratio),
+    integer sides) and keeps the first that fits; rows where none fits get the central fallback.
+    """
+    area = height * width
+    frac = scale[0] + (scale[1] - scale[0]) * _rand((n, tries), generator, device)
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(lo + (hi - lo) * _rand((n, tries), generator, device))
+    w = torch.sqrt(area * frac * aspect).round()
+    h = torch.sqrt(area * frac / aspect).round()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # index of the first fitting proposal
+    found = fits.any(dim=1)
+    fw, fh = _fallback_size(height, width, ratio)
+    w = torch.where(found, w.gather(1, first).squeeze(1), float(fw))
+    h = torch.where(found, h.gather(1, first).squeeze(1), float(fh))
+    u = _rand((n, 2), generator, device)
+    x0 = torch.minimum(torch.floor(u[:, 0] * (width - w + 1)), width - w)
+    y0 = torch.minimum(torch.floor(u[:, 1] * (height - h + 1)), height - h)
+    x0 = torch.where(found, x0, torch.div(width - w, 2, rounding_mode="floor"))
+    y0 = torch.where(found, y0, torch.div(height - h, 2, rounding_mode="floor"))
+    return torch.stack([x0, y0, x0 + w, y0 + h], dim=1)
+
+
+@dataclass(frozen=True)
+class ViewParams:
+    """Per-sample random choices for n views (everything but the crop box)."""
+
+    flip: Tensor  # (n,) bool: horizontal flip
+    jitter: Tensor  # (n,) bool: colour jitter applied
+    factors: Tensor  # (n, 4) brightness, contrast, saturation factors, hue shift; neutral where not jittered
+    order: Tensor  # (n, 4) long: a random permutation of the op ids, applied left to right
+    grayscale: Tensor  # (n,) bool
+    blur: Tensor  # (n,) bool
+    sigma: Tensor  # (n,) blur sigma (drawn for every row, used where `blur`)
+
+    def map(self, fn) -> "ViewParams":
+        return ViewParams(**{k: fn(getattr(self, k)) for k in self.__dataclass_fields__})
+
+    @staticmethod
+    def cat(parts: Sequence["ViewParams"]) -> "ViewParams":
+        names = ViewParams.__dataclass_fields__
+        return ViewParams(**{k: torch.cat([getattr(p, k) for p in parts]) for k in names})
+
+
+def jitter_ranges(aug: AugmentSpec) -> list[tuple[float, float]]:
+    """Low/high of each factor, as ColorJitter: [max(0, 1-b), 1+b] for brightness, contrast,
+    saturation, and [-hue, hue] for the hue shift."""
+    blends = [(max(0.0, 1 - v), 1 + v) for v in (aug.brightness, aug.contrast, aug.saturation)]
+    return blends + [(-aug.hue, aug.hue)]
+
+
+def sample_view_params(n: int, aug: AugmentSpec, generator=None, device=None, *,
+                       photometric: bool = True, flip: bool = True) -> ViewParams:
+    """Draw flip (flip_p), jitter (with probability jitter_p, factors uniform in their ranges, ops in a
+    random order as torchvision's ColorJitter), grayscale (grayscale_p, independent of jitter) and blur
+    (blur_p, sigma ~ U(blur_sigma)) for n views. `photometric` / `flip` False switch those off (the
+    LeOCLR original view's options)."""
+    on = 1.0 if photometric else 0.0
+    flips = sample_mask(n, aug.flip_p if flip else 0.0, generator, device)
+    jitter = sample_mask(n, aug.jitter_p * on, generator, device)
+    u = _rand((n, 4), generator, device)
+    neutral = (1.0, 1.0, 1.0, 0.0)
+    factors = torch.stack([torch.where(jitter, lo + (hi - lo) * u[:, i], neutral[i])
+                           for i, (lo, hi) in enumerate(jitter_ranges(aug))], dim=1)
+    order = _rand((n, 4), generator, device).argsort(dim=1)
+    grayscale = sample_mask(n, aug.grayscale_p * on, generator, device)
+    blur = sample_mask(n, aug.blur_p * on, generator, device)
+    lo, hi = aug.blur_sigma
+    sigma = lo + (hi - lo) * _rand((n,), generator, device)
+    return ViewParams(flips, jitter, factors, order, grayscale, blur, sigma)
+
+
+# ---------------------------------------------------------------- batched image ops (float in [0, 1])
+def _col(v: Tensor) -> Tensor:
+    """A per-sample value shaped to broadcast over (n, C, H, W)."""
+    return v.reshape(-1, 1, 1, 1)
+
+
+def grayscale(x: Tensor) -> Tensor:
+    """(n, 3, H, W) -> (n, 1, H, W) luma."""
+    return LUMA[0] * x[:, 0:1] + LUMA[1] * x[:, 1:2] + LUMA[2] * x[:, 2:3]
+
+
+def blend(x: Tensor, other: Tensor, factor: Tensor) -> Tensor:
+    """factor * x + (1 - factor) * other, clamped to [0, 1]: the form of brightness, contrast, saturation.
+
+    One fused `lerp` (which returns x exactly where factor is 1) rather than four elementwise passes.
+    """
+    return torch.lerp(other.expand_as(x), x, _col(factor).to(x.dtype)).clamp_(0, 1)
+
+
+def adjust_brightness(x: Tensor, factor: Tensor) -> Tensor:
+    return blend(x, torch.zeros_like(x[:1, :1, :1, :1]), factor)
+
+
+def adjust_contrast(x: Tensor, factor: Tensor) -> Tensor:
+    return blend(x, grayscale(x).mean(dim=(1, 2, 3), keepdim=True), factor)
+
+
+def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
+    return blend(x, grayscale(x), factor)
+
+
+def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
+    """Rotate each sample's HSV hue by `shift` turns (in [-0.5, 0.5]), keeping value and chroma.
+
+    Hue h is measured in sextants (0..6) from the max channel; the way back uses the piecewise-linear
+    pure hue: R = clamp(|h-3| - 1), G = clamp(2 - |h-2|), B = clamp(2 - |h-4|), scaled by chroma c
+    and lifted by the min channel.
+    """
+    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+    v = x.amax(dim=1, keepdim=True)
+    c = v - x.amin(dim=1, keepdim=True)
+    # (h - sextant start) * c for the max channel; at ties the candidate formulas agree.
+    rise = torch.where(r == v, g - b, torch.where(g == v, b - r + 2 * c, r - g + 4 * c))
+    # Grey pixels (c = 0) have rise 0, so any positive divisor works there.
+    h = rise.div_(c.clamp_min(1e-12)).add_(6 * shift.reshape(-1, 1, 1, 1).to(x.dtype)).remainder_(6)
+    red, green, blue = (h - 3).abs_().sub_(1), (h - 2).abs_().neg_().add_(2), (h - 4).abs_().neg_().add_(2)
+    pure = torch.cat([red, green, blue], dim=1)
+    return torch.addcmul(v - c, c, pure.clamp_(0, 1))
+
+
+def _blend_stage(x: Tensor, op: Tensor, factor: Tensor) -> Tensor:
+    """Per sample, brightness, contrast or saturation (`op`): each blends x toward a degenerate image
+    (black, its mean grey, its greyscale) with the sample's factor. Factor 1 leaves x exactly as is."""
+    gray = grayscale(x)
+    mean = gray.mean(dim=(1, 2, 3), keepdim=True)
+    op = _col(op)
+    target = torch.where(op == CONTRAST, mean, torch.where(op == SATURATION, gray, torch.zeros_like(mean)))
+    return blend(x, target, factor)
+
+
+def color_jitter(x: Tensor, factors: Tensor, order: Tensor, with_hue: bool = True) -> Tensor:
+    """Apply brightness, contrast, saturation and hue in each sample's own `order`.
+
+    Instead of evaluating all four ops at each of four positions, the hue shift (the costly op) is run
+    once: every sample's three blend ops go into three slots before it and three after it, each sample
+    using the slots its order asks for and passing through the others with factor 1.
+    """
+    is_hue = (order == HUE).to(torch.uint8)
+    hue_pos = is_hue.argmax(dim=1)
+    blends = order.gather(1, torch.argsort(is_hue, dim=1, stable=True))[:, :3]
+    blend_factors = factors.gather(1, blends)
+    for before in (True, False):
+        for t in range(3):
+            use = hue_pos > t if before else hue_pos <= t
+            x = _blend_stage(x, blends[:, t], torch.where(use, blend_factors[:, t], 1.0))
+        if before and with_hue:
+            x = torch.where(_col(factors[:, HUE] != 0), adjust_hue(x, factors[:, HUE]), x)
+    return x
+
+
+def gaussian_kernels(sigma: Tensor, kernel_size: int) -> Tensor:
+    """(n, kernel_size) normalised 1-D Gaussian taps, one row per sigma."""
+    half = (kernel_size - 1) / 2
+    t = torch.linspace(-half, half, kernel_size, device=sigma.device, dtype=sigma.dtype)
+    w = torch.exp(-0.5 * (t / sigma[:, None]) ** 2)
+    # Taps under 1e-8 of the centre one change no float32 result but can be denormal, which makes
+    # CPU convolution several times slower: drop them.
+    w = torch.where(w < 1e-8, torch.zeros_like(w), w)
+    return w / w.sum(dim=1, keepdim=True)
+
+
+def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int, apply: Tensor | None = None) -> Tensor:
+    """Per-sample separable Gaussian blur with reflect padding (as torchvision's gaussian_blur).
+
+    Rows with `apply` False get a unit-impulse kernel, which reproduces them exactly.
+    """
+    n, c, h, w = x.shape
+    kernels = gaussian_kernels(sigma.to(x.dtype), kernel_size)
+    if apply is not None:
+        impulse = (torch.arange(kernel_size, device=x.device) == kernel_size // 2).to(x.dtype)
+        kernels = torch.where(apply[:, None], kernels, impulse)
+    kernels = kernels.repeat_interleave(c, dim=0)  # one per channel: a depthwise conv
+    pad = kernel_size // 2
+    y = F.pad(x.reshape(1, n * c, h, w), (pad, pad, pad, pad), mode="reflect")
+    if y.device.type == "cpu" and y.numel() * kernel_size < _CPU_SMALL_CONV:
+        # A single small image: oneDNN's per-call setup (~0.1 ms) would dominate; sum shifted copies.
+        taps = kernels.T.reshape(kernel_size, 1, n * c, 1, 1)
+        rows = y[..., 0:w] * taps[0]
+        for i in range(1, kernel_size):
+            rows = rows.addcmul(y[..., i:i + w], taps[i])
+        y = rows[..., 0:h, :] * taps[0]
+        for i in range(1, kernel_size):
+            y = y.addcmul(rows[..., i:i + h, :], taps[i])
+    else:
+        y = F.conv2d(y, kernels.reshape(n * c, 1, 1, kernel_size), groups=n * c)
+        y = F.conv2d(y, kernels.reshape(n * c, 1, kernel_size, 1), groups=n * c)
+    return y.reshape(n, c, h, w)
+
+
+# ---------------------------------------------------------------- the views
+class BatchedViews:
+    """Make views of a uint8 (B, 3, H, W) batch (or float in [0, 1]) on its own device.
+
+    `kinds` names each view: "original" (X, the whole image square-resized) or "crop" (a random
+    resized crop). Returns one normalised float32 (B, 3, size, size) tensor per kind. Pass a
+    `torch.Generator` for reproducible views; sampling then happens on the generator's device.
+    """
+
+    def __init__(self, aug: AugmentSpec, size: int, mean: Sequence[float], std: Sequence[float],
+                 kinds: Sequence[str] = ("original", "crop", "crop")):
+        mean, std = check_view_args(size, mean, std)
+        kinds = tuple(kinds)
+        if not kinds or any(k not in KINDS for k in kinds):
+            raise ValueError(f"kinds must be a non-empty sequence of {KINDS}, got {list(kinds)}")
+        self.aug, self.size, self.kinds = aug, size, kinds
+        self.kernel_size = blur_kernel_size(size)
+        # Per kind: (photometric, flip) switches; the original view's come from the spec.
+        self._switches = [(True, True) if k == "crop" else (aug.original_photometric, aug.original_flip)
+                          for k in kinds]
+        photometric, flip = any(p for p, _ in self._switches), any(f for _, f in self._switches)
+        self._do_jitter = photometric and aug.jitter_p > 0 and bool(
+            aug.brightness or aug.contrast or aug.saturation or aug.hue)
+        self._do_gray = photometric and aug.grayscale_p > 0
+        self._do_blur = photometric and aug.blur_p > 0
+        self._do_flip = flip and aug.flip_p > 0
+        self._norm_cpu = torch.tensor(mean).view(1, 3, 1, 1), 1 / torch.tensor(std).view(1, 3, 1, 1)
+        self._norm: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    def _normaliser(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """mean and 1/std on `device`, copied there once (a copy per call would synchronise a GPU)."""
+        if device not in self._norm:
+            self._norm[device] = tuple(t.to(device) for t in self._norm_cpu)
+        return self._norm[device]
+
+    def _boxes(self, b: int, h: int, w: int, generator, device) -> Tensor:
+        """(K, 5) roi_align boxes (batch index, x0, y0, x1, y1); row k*b+i is view k of image i."""
+        rows = []
+        for kind in self.kinds:
+            if kind == "crop":
+                aug = self.aug
+                rows.append(sample_crop_boxes(b, h, w, aug.crop_scale, aug.crop_ratio, generator, device))
+            else:  # the whole image, built on the device (no host-to-device copy)
+                zero = torch.zeros(b, device=device)
+                rows.append(torch.stack([zero, zero, zero + w, zero + h], dim=1))
+        index = torch.arange(b, device=device, dtype=torch.float32).repeat(len(self.kinds))
+        return torch.cat([index[:, None], torch.cat(rows)], dim=1)
+
+    def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, ...]:
+        """One (B, 3, size, size) tensor per kind. Nothing here waits on the device; a generator on
+        another device (a CPU one for CUDA images) draws the parameters there, then they are copied."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected a (B, 3, H, W) image batch, got shape {tuple(images.shape)}")
+        b, _, h, w = images.shape
+        dev = images.device
+        pdev = generator.device if generator is not None else dev
+        boxes = self._boxes(b, h, w, generator, pdev).to(dev, non_blocking=True)
+        params = ViewParams.cat([sample_view_params(b, self.aug, generator, pdev, photometric=p, flip=f)
+                                 for p, f in self._switches])
+        params = params.map(lambda t: t.to(dev, non_blocking=True))
+        source = images.float()
+        if images.dtype == torch.uint8:
+            source = source.mul_(1 / 255)
+        n, s = len(boxes), self.size
+        # On the CPU, work through views in cache-sized chunks (the ops are memory-bound); a GPU takes all.
+        step = n if dev.type != "cpu" else max(1, _CPU_CHUNK_FLOATS // (3 * s * s))
+        if step >= n:
+            x = self._views(source, boxes, params)
+        else:
+            x = torch.empty(n, 3, s, s, device=dev)
+            for i in range(0, n, step):
+                x[i:i + step] = self._views(source, boxes[i:i + step], params.map(lambda t: t[i:i + step]))
+        return tuple(x.view(len(self.kinds), b, 3, s, s).unbind(0))
+
+    def _views(self, source: Tensor, boxes: Tensor, p: ViewParams) -> Tensor:
+        """Resample `boxes` of the float [0, 1] `source` to views and augment them."""
+        x = roi_align(source, boxes, (self.size, self.size), 1.0, -1, True).clamp_(0, 1)
+        if self._do_flip:
+            x = torch.where(_col(p.flip), x.flip(-1), x)
+        if self._do_jitter:
+            x = color_jitter(x, p.factors, p.order, with_hue=self.aug.hue > 0)  # neutral factors: no-op
+        if self._do_gray:
+            x = torch.where(_col(p.grayscale), grayscale(x).expand_as(x), x)
+        if self._do_blur:
+            x = gaussian_blur(x, p.sigma, self.kernel_size, p.blur)
+        mean, inv_std = self._normaliser(x.device)
+        return (x - mean).mul_(inv_std)
