@@ -166,6 +166,9 @@ def crop_semantics(
     device: Optional[str] = typer.Option(None, help="Torch device (default: cuda if available, else cpu)."),
     epochs: Optional[int] = typer.Option(None, help="Override the epochs of every run."),
     variants: Optional[list[str]] = typer.Option(None, "--variant", help="Run only these variants (repeatable)."),
+    methods: Optional[list[str]] = typer.Option(
+        None, "--method", help="Methods to compare (repeatable): LeOCLR, MoCo-v2, LeOCLR-sym, MoCo-v2-sym."
+    ),
     overrides: Optional[list[str]] = SetOption,
 ) -> None:
     """Train LeOCLR and MoCo-v2 with the same seed, data, epochs and backbone; table + plot."""
@@ -173,7 +176,7 @@ def crop_semantics(
 
     try:
         run_crop_semantics(output, quick=quick, device=device, epochs=epochs, only=variants,
-                           overrides=overrides or [], console=console)
+                           methods=methods, overrides=overrides or [], console=console)
     except (SpecError, ValueError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None

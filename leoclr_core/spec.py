@@ -58,6 +58,9 @@ class SyntheticSpec(_Section):
     distractors: Annotated[int, Field(ge=0, le=4)] = 0
     distractor_size: tuple[int, int] = (12, 20)
     clutter: Annotated[int, Field(ge=0, le=64)] = 12
+    # Scales how colourful backgrounds, clutter and objects are. A random colour per image is
+    # the easiest instance identity there is: at 1.0 a small model learns colours, not shapes.
+    chroma: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0
 
     @model_validator(mode="after")
     def _sizes_fit(self) -> "SyntheticSpec":

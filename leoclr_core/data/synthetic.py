@@ -168,7 +168,7 @@ def _render_block(rng: np.random.Generator, labels: np.ndarray, spec: SyntheticS
     # Background: dark or light base, two octaves of smooth colour noise.
     bg_lum = np.where(rng.random(b) < 0.5, rng.uniform(0.08, 0.36, b), rng.uniform(0.64, 0.92, b))
     bg_lum = bg_lum.astype(np.float32)
-    canvas = np.broadcast_to(_colours(rng, bg_lum, 0.5)[:, None, None, :], (b, s, s, 3)).copy()
+    canvas = np.broadcast_to(_colours(rng, bg_lum, 0.5 * spec.chroma)[:, None, None, :], (b, s, s, 3)).copy()
     coarse, fine = _upsample_matrix(3, 7), _upsample_matrix(7, s)
     grid = 0.22 * (rng.random((b, 3, 3, 3), dtype=np.float32) - 0.5)
     grid = coarse @ grid @ coarse.T + 0.1 * (rng.random((b, 3, 7, 7), dtype=np.float32) - 0.5)
@@ -185,7 +185,7 @@ def _render_block(rng: np.random.Generator, labels: np.ndarray, spec: SyntheticS
             ]
         ).astype(np.float32)
         params[1] = np.where(kind == 2, rng.uniform(0.8, 2.2, b) * px, params[1])
-        colour = _colours(rng, _contrasting(rng, bg_lum, 0.12, 0.45), 0.6)
+        colour = _colours(rng, _contrasting(rng, bg_lum, 0.12, 0.45), 0.6 * spec.chroma)
         cx, cy = rng.uniform(0, s, b), rng.uniform(0, s, b)
         sdf = _grouped(kind, lambda t, dx, dy, sel: _clutter_sdf(t, dx, dy, params[:, sel, None, None]))
         _paint(canvas, cx, cy, int(np.ceil(0.3 * s)) + 4, colour, sdf)
@@ -207,7 +207,7 @@ def _render_block(rng: np.random.Generator, labels: np.ndarray, spec: SyntheticS
     objects.append((labels, centre, size))
     for cls, c, sz in objects:
         angle = rng.uniform(-MAX_ROTATION, MAX_ROTATION, b)
-        colour = _colours(rng, _contrasting(rng, bg_lum, 0.3, 0.55), 0.7)
+        colour = _colours(rng, _contrasting(rng, bg_lum, 0.3, 0.55), 0.7 * spec.chroma)
         cos, sin, half = (x.astype(np.float32)[:, None, None] for x in (np.cos(angle), np.sin(angle), sz / 2))
 
         def shape_sdf(t, dx, dy, sel, cos=cos, sin=sin, half=half):

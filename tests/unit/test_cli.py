@@ -1,0 +1,57 @@
+import json
+
+from typer.testing import CliRunner
+
+from leoclr_core.cli import app
+
+runner = CliRunner()
+TINY = [
+    "--set", "data.num_images=128", "--set", "data.num_test_images=64", "--set", "model.width=4",
+    "--set", "model.proj_hidden_dim=16", "--set", "model.proj_dim=8", "--set", "loss.queue_size=64",
+    "--set", "optim.batch_size=32", "--set", "optim.epochs=1", "--set", "eval.knn_k=10",
+    "--set", "data.synthetic.source_size=32", "--set", "data.synthetic.object_size=[12, 20]",
+    "--set", "data.image_size=16",
+]
+
+
+def test_pretrain_runs_the_demo_config_and_reports_knn(tmp_path):
+    result = runner.invoke(app, ["pretrain", "configs/demo.yaml", "-o", str(tmp_path), *TINY])
+    assert result.exit_code == 0, result.output
+    assert "final k-NN top-1" in result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["epoch"] == 1 and 0 <= summary["knn_top1"] <= 100
+    assert (tmp_path / "encoder.pt").is_file()
+
+
+def test_pretrain_rejects_an_invalid_spec_naming_the_field(tmp_path):
+    result = runner.invoke(app, ["pretrain", "configs/demo.yaml", "--set", "optim.lr=-1"])
+    assert result.exit_code == 2
+    assert "optim.lr: Input should be greater than 0" in result.output
+
+
+def test_pretrain_refuses_an_evaluate_spec():
+    result = runner.invoke(app, ["pretrain", "configs/evaluate-demo.yaml"])
+    assert result.exit_code == 2 and "is a 'evaluate' spec" in result.output
+
+
+def test_evaluate_reports_a_missing_encoder_cleanly(tmp_path):
+    result = runner.invoke(app, ["evaluate", "configs/evaluate-demo.yaml", "--set", f"encoder.checkpoint={tmp_path}/x"])
+    assert result.exit_code == 1 and "does not exist" in result.output
+
+
+def test_experiment_quick_writes_table_and_plot(tmp_path):
+    result = runner.invoke(app, ["experiment", "crop-semantics", "--quick", "-o", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    table = (tmp_path / "results.md").read_text()
+    for variant in ("one-object", "distractor", "small-objects"):
+        assert variant in table
+    assert "QUICK" in table
+    assert (tmp_path / "accuracy.png").stat().st_size > 1000
+    results = json.loads((tmp_path / "results.json").read_text())
+    row = results["variants"]["distractor"]
+    assert set(row["methods"]) == {"LeOCLR", "MoCo-v2"} and 0 <= row["random_init"] <= 100
+
+
+def test_experiment_rejects_an_unknown_variant(tmp_path):
+    result = runner.invoke(app, ["experiment", "crop-semantics", "--quick", "--variant", "nope", "-o", str(tmp_path)])
+    assert result.exit_code == 2 and "unknown variant" in result.output
