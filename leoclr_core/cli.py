@@ -58,7 +58,8 @@ class ProgressCallbacks:
         )
 
     def on_epoch(self, record: dict, state) -> None:
-        fields = {"completed": record["step"], "epoch": f"{record['epoch']}/{self.epochs}", "loss": f"{record['loss']:.3f}"}
+        fields = {"completed": record["step"], "epoch": f"{record['epoch']}/{self.epochs}",
+                  "loss": f"{record['loss']:.3f}", "ips": f"{record['instances_per_s']:.0f}"}
         if "knn_top1" in record:
             fields["knn"] = f"{record['knn_top1']:.1f}"
         self.progress.update(self.task, **fields)

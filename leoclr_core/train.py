@@ -172,6 +172,13 @@ def _truncate_metrics(path: Path, completed_epochs: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
+def _epoch_records(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r.get("type") == "epoch"]
+
+
 def run_knn(
     backbone: nn.Module, spec: PretrainSpec, runtime: Runtime, train_set: ImageSource, test_set: ImageSource | None,
     linear: bool = False,
@@ -263,6 +270,7 @@ def pretrain(
         log.info("resumed from %s (epoch %d, step %d)", found, state.start_epoch, global_step)
         if main:
             _truncate_metrics(metrics_path, state.start_epoch)
+            state.history = _epoch_records(metrics_path)
     elif main and metrics_path.exists():
         metrics_path.unlink()
     cb.on_start(state)

@@ -51,6 +51,7 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path, batched):
     epochs = [json.loads(l)["epoch"] for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
               if json.loads(l)["type"] == "epoch"]
     assert epochs == [1, 2, 3, 4]
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4]  # the history survives the restart
 
 
 class _StopAfter(Callbacks):

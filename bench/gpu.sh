@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The reference throughput matrix on one H100/H200: compute-only vs end-to-end instances/s.
+#
+#   ResNet-50 224 px, batch 256, JPEG decoded on the GPU (bench/r50-224.yaml)
+#   ResNet-18 CIFAR stem 32 px, batch 512, raw synthetic pixels (bench/r18-cifar.yaml)
+#   x LeOCLR / MoCo-v2 (asymmetric) x eager / torch.compile = 8 rows
+#
+# Each row is its own python process (one failure or timeout does not stop the rest). Rows run
+# cheapest first (eager, then compiled), and one that no longer fits the time budget
+# (BENCH_BUDGET_S, default 330 s) is recorded as skipped, so the script always ends in time with a
+# table. Needs only torch, torchvision, numpy, pillow, pyyaml and pydantic (on PYTHONPATH is fine).
+#
+#   OUT=/some/dir bash bench/gpu.sh      # results: $OUT/NN-*.json, NN-*.log, table.md
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT="${OUT:-bench-results}"
+PY="${PYTHON:-python3}"
+BUDGET_S="${BENCH_BUDGET_S:-330}"
+WORKERS="${LOADER_WORKERS:-12}"
+mkdir -p "$OUT"
+# Compiled rows share one inductor cache: the MoCo-v2 rows reuse the query-encoder graphs that the
+# LeOCLR rows compiled (same model, batch and dtype), which cuts their compile time.
+export TORCHINDUCTOR_FX_GRAPH_CACHE=1 TORCHINDUCTOR_AUTOGRAD_CACHE=1 PYTHONUNBUFFERED=1
+START=$SECONDS
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
+"$PY" -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__,
+"cuda", torch.cuda.is_available())'
+
+# record ID CONFIG METHOD COMPILED REASON: a stand-in result for a row that did not finish.
+record() {
+  printf '{"config": "%s", "method": "%s", "compile": %s, "error": "%s"}\n' "$2" "$3" "$4" "$5" >"$OUT/$1.json"
+}
+
+# row ID SPEC METHOD COMPILED DATA STEPS WARMUP NEED_S LIMIT_S [extra bench args...]
+# NEED_S: budget a row must still have to start; LIMIT_S: its own timeout (never past the budget).
+row() {
+  local id=$1 spec=$2 method=$3 compiled=$4 data=$5 steps=$6 warmup=$7 need=$8 limit=$9
+  shift 9
+  local name
+  name=$(basename "$spec" .yaml)
+  local left=$((BUDGET_S - (SECONDS - START)))
+  if ((left < need)); then
+    echo "=== $id: skipped (${left}s of the ${BUDGET_S}s budget left, needs ${need}s)"
+    record "$id" "$name" "$method" "$compiled" "skipped: time budget"
+    return
+  fi
+  ((limit > left)) && limit=$left
+  local args=(--set "method=$method")
+  [[ $method == mocov2 ]] && args+=(--set loss.symmetric=false)
+  [[ $compiled == true ]] && args+=(--compile)
+  echo "=== $id: $name $method compile=$compiled data=$data steps=$steps warmup=$warmup (limit ${limit}s)"
+  local t0=$SECONDS
+  timeout -k 10 "$limit" "$PY" -m leoclr_core.bench "$spec" --device cuda --data "$data" \
+    --steps "$steps" --warmup "$warmup" --loader-workers "$WORKERS" --json "$OUT/$id.json" \
+    "${args[@]}" "$@" 2>&1 | tee "$OUT/$id.log"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $id: exit $rc after $((SECONDS - t0))s"
+  if ((rc == 124 || rc == 137)); then
+    record "$id" "$name" "$method" "$compiled" "timed out after ${limit}s"
+  elif ((rc != 0)); then
+    record "$id" "$name" "$method" "$compiled" "exit $rc, see $id.log"
+  fi
+}
+
+R50=(bench/r50-224.yaml)
+R18=(bench/r18-cifar.yaml)
+# R50 renders 1024 distinct 256-px scenes (a few seconds) and cycles them; R18's 40-px ones are cheap.
+R50_ARGS=(jpeg 30)
+R18_ARGS=(synthetic 60)
+
+# IDs give the table order; the calls give the run order (eager first, then compiled).
+row 05-r18-leoclr-eager   "${R18[@]}" leoclr false "${R18_ARGS[@]}" 5 30 90
+row 07-r18-mocov2-eager   "${R18[@]}" mocov2 false "${R18_ARGS[@]}" 5 30 90
+row 01-r50-leoclr-eager   "${R50[@]}" leoclr false "${R50_ARGS[@]}" 5 45 120 --max-images 1024
+row 03-r50-mocov2-eager   "${R50[@]}" mocov2 false "${R50_ARGS[@]}" 5 45 120 --max-images 1024
+row 06-r18-leoclr-compiled "${R18[@]}" leoclr true "${R18_ARGS[@]}" 8 60 150
+row 08-r18-mocov2-compiled "${R18[@]}" mocov2 true "${R18_ARGS[@]}" 8 60 150
+row 02-r50-leoclr-compiled "${R50[@]}" leoclr true "${R50_ARGS[@]}" 8 90 240 --max-images 1024
+row 04-r50-mocov2-compiled "${R50[@]}" mocov2 true "${R50_ARGS[@]}" 8 90 240 --max-images 1024
+
+"$PY" -m leoclr_core.bench --table "$OUT" --out "$OUT/table.md" >/dev/null
+echo "" >>"$OUT/table.md"
+echo "Total wall time: $((SECONDS - START)) s (budget ${BUDGET_S} s), loader workers ${WORKERS}." >>"$OUT/table.md"
+cat "$OUT/table.md"

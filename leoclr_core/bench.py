@@ -1,0 +1,350 @@
+"""Training throughput of one config: compute-only vs end-to-end, measured in the same run.
+
+Why both: the compute-only rate (random views already on the device) is what the model and
+optimiser can do; the end-to-end rate (loader -> host-to-device copy -> JPEG decode -> views ->
+step) is what a real run gets. Their ratio says whether the input path starves the accelerator.
+Both use the same model, `train_step` and runtime (bf16 + channels_last on CUDA, optional
+torch.compile), with W untimed warm-up steps and one device synchronisation on each side of the
+N timed steps, none inside them.
+
+    python -m leoclr_core.bench [SPEC] [--set k=v ...] [--steps N] [--warmup W] [--compile]
+        [--device cuda|cpu] [--data synthetic|jpeg] [--loader-workers K] [--json PATH]
+    python -m leoclr_core.bench --table RESULTS_DIR_OR_JSON... [--out table.md]
+
+Imports only torch, torchvision, numpy, PIL, yaml, pydantic (via spec) and the stdlib: runs on a bare GPU box.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torchvision
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+from .augment import BatchedViews
+from .data import ImageSource, SyntheticObjects, build_source, collate_images
+from .data.jpeg import EncodedImages, collate_encoded, decode_batch, unpack
+from .engine import Runtime, build_optimizer, prepare_method, resolve_runtime, train_step
+from .methods import MomentumMethod, build_method
+from .spec import PretrainSpec, SpecError, load_spec
+from .train import ViewDataset, _collate_views, resize_for_batching
+from .views import make_view_transform
+
+DEFAULT_SPEC = "configs/demo.yaml"
+JPEG_QUALITY = 90
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def device_name(device: torch.device) -> str:
+    """What the figures were measured on: the GPU model, or the CPU model and core count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+# ---------------------------------------------------------------- timing
+@dataclass
+class Phase:
+    """One measured phase: warm-up (first step separately: it holds any compilation) and timed steps."""
+
+    first_step_s: float | None
+    warmup_s: float
+    seconds: float
+    steps: int
+    batch: int
+    last_loss: float
+
+    @property
+    def instances_per_s(self) -> float:
+        return self.steps * self.batch / self.seconds if self.seconds > 0 else 0.0
+
+
+def measure(step: Callable[[], torch.Tensor], warmup: int, steps: int, batch: int,
+            device: torch.device) -> Phase:
+    """Run `warmup` untimed steps, then time `steps` steps between two device synchronisations."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    first = None
+    start = time.perf_counter()
+    for i in range(warmup):
+        step()
+        if i == 0:
+            sync()
+            first = time.perf_counter() - start
+    sync()
+    warm = time.perf_counter() - start
+    start = time.perf_counter()
+    loss = None
+    for _ in range(steps):
+        loss = step()
+    sync()
+    seconds = time.perf_counter() - start
+    return Phase(first, warm, seconds, steps, batch, float(loss) if loss is not None else float("nan"))
+
+
+# ---------------------------------------------------------------- inputs
+def random_views(method: MomentumMethod, runtime: Runtime, batch: int, size: int) -> tuple[torch.Tensor, ...]:
+    """Views already on the device, shaped and laid out like the feed's: compute only, no input cost."""
+    return tuple(runtime.to_device(torch.randn(batch, 3, size, size, device=runtime.device))
+                 for _ in method.view_kinds)
+
+
+def bench_images(spec: PretrainSpec, count: int) -> ImageSource:
+    """The first `count` images of the spec's source (synthetic scenes are rendered, only that many)."""
+    data = spec.data
+    if data.source == "synthetic-objects":
+        return SyntheticObjects(count, data.seed, "train", data.synthetic, labelled=data.labelled)
+    return build_source(data.model_copy(update={"num_images": count}), "train",
+                        resize_to=resize_for_batching(data))
+
+
+def augments_batched(spec: PretrainSpec, runtime: Runtime) -> bool:
+    """The same rule as the training feed: batched views on the device, or per sample in workers."""
+    aug = spec.augment
+    return aug.device == "gpu" or (aug.device == "auto" and runtime.device.type == "cuda") or aug.batched
+
+
+@dataclass
+class Feed:
+    """The end-to-end input path of one config: what the loader serves and how a batch becomes views."""
+
+    dataset: Dataset
+    collate: Callable
+    batched: bool
+    jpeg: bool
+    jpeg_bytes: int = 0  # total encoded size: synthetic scenes compress far better than photographs
+
+    def describe(self, device: torch.device) -> str:
+        where = "nvJPEG" if device.type == "cuda" else "CPU"
+        decode = (f" + {where} batch decode" if self.batched else " + decode in workers") if self.jpeg else ""
+        return (f"batched views on {device.type}" if self.batched else "per-sample views in workers") + decode
+
+
+def build_feed(spec: PretrainSpec, runtime: Runtime, images: ImageSource, jpeg: bool) -> Feed:
+    """Wrap `images` for the loader (JPEG-encoding them once when `jpeg`); not part of any timing."""
+    if augments_batched(spec, runtime):
+        if jpeg:
+            encoded = EncodedImages(images, JPEG_QUALITY)
+            return Feed(encoded, collate_encoded, True, True, encoded.nbytes)
+        return Feed(images, collate_images, True, False)
+    d = spec.data
+    source = EncodedImages(images, JPEG_QUALITY, decode=True) if jpeg else images
+    transform = make_view_transform(spec.method, spec.augment, d.image_size, d.mean, d.std)
+    nbytes = source.nbytes if isinstance(source, EncodedImages) else 0
+    return Feed(ViewDataset(source, transform), _collate_views, False, jpeg, nbytes)
+
+
+def view_batches(feed: Feed, spec: PretrainSpec, method: MomentumMethod, runtime: Runtime,
+                 workers: int, num_batches: int) -> Iterator[tuple[torch.Tensor, ...]]:
+    """`num_batches` batches of views on the device, cycling through the dataset as often as needed."""
+    b, cuda = spec.optim.batch_size, runtime.device.type == "cuda"
+    sampler = RandomSampler(feed.dataset, num_samples=num_batches * b,
+                            generator=torch.Generator().manual_seed(spec.seed))
+    loader = DataLoader(
+        feed.dataset, batch_size=b, sampler=sampler, drop_last=True, collate_fn=feed.collate,
+        num_workers=workers, pin_memory=cuda, persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+    d = spec.data
+    maker = None
+    if feed.batched:
+        maker = BatchedViews(spec.augment, d.image_size, d.mean, d.std, kinds=method.view_kinds)
+    for payload, _labels, _skipped in loader:
+        if maker is None:
+            yield tuple(runtime.to_device(v) for v in payload)
+            continue
+        if feed.jpeg:
+            images = decode_batch(unpack(payload), runtime.device)
+        else:
+            images = payload.to(runtime.device, non_blocking=True)
+        yield tuple(runtime.to_device(v) for v in maker(images))
+
+
+# ---------------------------------------------------------------- one benchmark
+def run_bench(spec: PretrainSpec, *, device: torch.device, steps: int, warmup: int, data: str,
+              workers: int, max_images: int) -> dict:
+    """Measure compute-only then end-to-end throughput of `spec` on `device`; returns the record."""
+    torch.manual_seed(spec.seed)
+    runtime = resolve_runtime(spec.scaling, device)
+    b, size = spec.optim.batch_size, spec.data.image_size
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    method = prepare_method(build_method(spec.method, spec.model, spec.loss, b), runtime)
+    method.train()
+    optimizer = build_optimizer(method, spec.optim)
+    build_s = time.perf_counter() - t0
+    m = spec.loss.momentum
+
+    log(f"compute-only: {warmup} warm-up{' (compiling)' if runtime.compile else ''} + {steps} timed steps")
+    views = random_views(method, runtime, b, size)
+    compute = measure(lambda: train_step(method, optimizer, views, m, runtime), warmup, steps, b, device)
+    del views
+
+    count = max(b, min(max_images, (warmup + steps) * b, spec.data.num_images or max_images))
+    log(f"preparing {count} images ({data}) for the end-to-end run")
+    t0 = time.perf_counter()
+    feed = build_feed(spec, runtime, bench_images(spec, count), jpeg=data == "jpeg")
+    data_s = time.perf_counter() - t0
+    log(f"end-to-end ({feed.describe(device)}, {workers} loader workers): "
+        f"{warmup} warm-up + {steps} timed steps")
+    batches = view_batches(feed, spec, method, runtime, workers, warmup + steps)
+    e2e = measure(lambda: train_step(method, optimizer, next(batches), m, runtime), warmup, steps, b, device)
+    batches.close()
+
+    compute_rate, e2e_rate = compute.instances_per_s, e2e.instances_per_s
+    compile_s = None
+    if runtime.compile and compute.first_step_s is not None:
+        compile_s = max(0.0, compute.first_step_s - compute.seconds / max(steps, 1))
+    return {
+        "config": spec.name, "method": spec.method, "backbone": spec.model.backbone,
+        "cifar_stem": spec.model.cifar_stem, "image_size": size, "batch_size": b,
+        "compile": runtime.compile, "data": data, "feed": feed.describe(device), "loader_workers": workers,
+        "images_prepared": count, "jpeg_kib_per_image": feed.jpeg_bytes / count / 1024 if feed.jpeg else None,
+        "device": device.type, "device_name": device_name(device),
+        "precision": "bf16" if runtime.autocast_dtype == torch.bfloat16 else "fp32",
+        "channels_last": runtime.channels_last, "steps": steps, "warmup": warmup,
+        "compute_inst_per_s": compute_rate, "e2e_inst_per_s": e2e_rate,
+        "ratio": e2e_rate / compute_rate if compute_rate > 0 else 0.0,
+        "compile_s": compile_s, "setup_s": {"build": build_s, "data": data_s},
+        "phases": {"compute": asdict(compute), "e2e": asdict(e2e)},
+        "peak_gpu_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+        "torch": torch.__version__, "torchvision": torchvision.__version__, "python": sys.version.split()[0],
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "spec": spec.model_dump(mode="json"),
+    }
+
+
+# ---------------------------------------------------------------- tables
+COLUMNS = ("config", "device", "method", "backbone", "px", "batch", "compile", "data",
+           "compute inst/s", "e2e inst/s", "e2e/compute", "compile s", "peak GiB")
+
+
+def _fmt(value, spec: str = ",.0f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table_row(r: dict) -> list[str]:
+    """One markdown row; a record with an `error` (a failed or skipped run) keeps its name and says why."""
+    if "error" in r:
+        return [str(r.get("config", "?")), "-", str(r.get("method", "-")), "-", "-", "-",
+                "on" if r.get("compile") else "off", "-", str(r["error"]), "-", "-", "-", "-"]
+    return [r["config"], r["device_name"], r["method"], r["backbone"], str(r["image_size"]),
+            str(r["batch_size"]), "on" if r["compile"] else "off", r["data"],
+            _fmt(r["compute_inst_per_s"]), _fmt(r["e2e_inst_per_s"]),
+            _fmt(r["ratio"], ".2f"), _fmt(r.get("compile_s"), ".0f"), _fmt(r.get("peak_gpu_mem_gib"), ".1f")]
+
+
+def markdown_table(records: Sequence[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    lines += ["| " + " | ".join(table_row(r)) + " |" for r in records]
+    return "\n".join(lines) + "\n"
+
+
+def load_records(paths: Sequence[str | Path]) -> list[dict]:
+    """Bench records from JSON files and folders of them (a folder's files in name order)."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        files += sorted(p.glob("*.json")) if p.is_dir() else [p]
+    return [json.loads(f.read_text()) for f in files]
+
+
+# ---------------------------------------------------------------- command line
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m leoclr_core.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("spec", nargs="?", default=None, help=f"pretrain spec (default {DEFAULT_SPEC})")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per phase")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before each phase")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
+    p.add_argument("--compile", action="store_true", help="set scaling.compile (compile time is warm-up)")
+    p.add_argument("--data", choices=("synthetic", "jpeg"), default="synthetic")
+    p.add_argument("--loader-workers", type=int, default=None, help="default: scaling.loader_workers")
+    p.add_argument("--max-images", type=int, default=4096, help="distinct images prepared (then cycled)")
+    p.add_argument("--json", type=Path, default=None, help="write the record here")
+    p.add_argument("--table", nargs="+", default=None, metavar="PATH",
+                   help="merge JSON records (files or folders) into a markdown table")
+    p.add_argument("--out", type=Path, default=None, help="with --table: write the markdown here")
+    return p.parse_args(argv)
+
+
+def resolve_spec_path(path: str | None) -> Path:
+    """The default spec is found from the current folder or, failing that, the repository root."""
+    if path is not None:
+        return Path(path)
+    here = Path(DEFAULT_SPEC)
+    return here if here.exists() else Path(__file__).resolve().parents[1] / DEFAULT_SPEC
+
+
+def load_bench_spec(args: argparse.Namespace) -> PretrainSpec:
+    overrides = list(args.overrides) + (["scaling.compile=true"] if args.compile else [])
+    spec = load_spec(resolve_spec_path(args.spec), overrides)
+    if not isinstance(spec, PretrainSpec):
+        raise SpecError(f"the bench needs a pretrain spec, got a {spec.kind!r} spec")
+    return spec
+
+
+def check_args(args: argparse.Namespace) -> str | None:
+    if args.steps < 1 or args.warmup < 0 or args.max_images < 1:
+        return "--steps and --max-images must be >= 1 and --warmup >= 0"
+    if args.loader_workers is not None and args.loader_workers < 0:
+        return "--loader-workers must be >= 0"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return "--device cuda: no CUDA device is available"
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+    except SystemExit as exc:  # argparse: usage errors (2) and --help (0)
+        return int(exc.code or 0)
+    if args.table is not None:
+        text = markdown_table(load_records(args.table))
+        if args.out:
+            args.out.write_text(text)
+        print(text, end="")
+        return 0
+    problem = check_args(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    try:
+        spec = load_bench_spec(args)
+    except SpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    workers = spec.scaling.loader_workers if args.loader_workers is None else args.loader_workers
+    record = run_bench(spec, device=device, steps=args.steps, warmup=args.warmup, data=args.data,
+                       workers=workers, max_images=args.max_images)
+    print(markdown_table([record]), end="")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
+        log(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

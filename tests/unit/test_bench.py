@@ -1,0 +1,132 @@
+"""The throughput bench on CPU: both rates measured, the record and table consistent, bad specs refused."""
+
+import json
+
+import pytest
+import torch
+
+from leoclr_core.bench import main, markdown_table
+from leoclr_core.data import SyntheticObjects
+from leoclr_core.data.jpeg import EncodedImages, collate_encoded, decode_batch, unpack
+from leoclr_core.spec import SyntheticSpec
+
+# torchvision 0.29 deprecates its JPEG codecs on every call; they are what the GPU box's 0.26 has.
+pytestmark = pytest.mark.filterwarnings("ignore:.*TorchCodec:DeprecationWarning")
+
+TINY = {
+    "kind": "pretrain", "name": "tiny-bench",
+    "data": {"num_images": 64, "image_size": 16, "synthetic": {"source_size": 20, "object_size": [8, 14],
+                                                                "distractor_size": [5, 8]}},
+    "model": {"backbone": "tiny", "width": 4, "proj_hidden_dim": 16, "proj_dim": 8},
+    "loss": {"queue_size": 32},
+    "augment": {"batched": True},
+    "optim": {"batch_size": 16},
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """A tiny model gains nothing from threads, and on a busy 2-core box they only contend."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def spec_file(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(json.dumps(TINY))  # JSON is YAML
+    return path
+
+
+def run(spec_file, tmp_path, *extra):
+    out = tmp_path / "result.json"
+    args = ["--device", "cpu", "--steps", "2", "--warmup", "1", "--json", str(out), *extra]
+    code = main([str(spec_file), *args])
+    assert code == 0
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("data", ["synthetic", "jpeg"])
+@pytest.mark.parametrize("method", ["leoclr", "mocov2"])
+def test_bench_measures_compute_and_end_to_end_rates(spec_file, tmp_path, capsys, data, method):
+    record = run(spec_file, tmp_path, "--data", data, "--set", f"method={method}")
+    assert record["compute_inst_per_s"] > 0 and record["e2e_inst_per_s"] > 0
+    assert record["ratio"] == pytest.approx(record["e2e_inst_per_s"] / record["compute_inst_per_s"])
+    assert record["device_name"] and record["device"] == "cpu"
+    assert record["method"] == method and record["data"] == data and record["batch_size"] == 16
+    assert record["spec"]["method"] == method and record["spec"]["model"]["width"] == 4
+    assert record["torch"] == torch.__version__ and record["date"]
+    # only what the run consumes is rendered: (warm-up + timed steps) x batch, not data.num_images
+    assert record["images_prepared"] == 3 * 16
+    assert (record["jpeg_kib_per_image"] > 0) if data == "jpeg" else record["jpeg_kib_per_image"] is None
+    for phase in record["phases"].values():
+        assert phase["steps"] == 2 and phase["seconds"] > 0 and phase["last_loss"] == phase["last_loss"]
+    assert "tiny-bench" in capsys.readouterr().out
+
+
+def test_bench_per_sample_cpu_views_with_jpeg_decoded_in_workers(spec_file, tmp_path):
+    per_sample = ["--set", "augment.batched=false", "--set", "augment.device=cpu"]
+    record = run(spec_file, tmp_path, "--data", "jpeg", *per_sample)
+    assert record["feed"] == "per-sample views in workers + decode in workers"
+    assert record["e2e_inst_per_s"] > 0
+
+
+def test_bench_feeds_packed_jpeg_batches_through_loader_workers(spec_file, tmp_path):
+    record = run(spec_file, tmp_path, "--data", "jpeg", "--loader-workers", "2")
+    assert record["loader_workers"] == 2 and record["feed"] == "batched views on cpu + CPU batch decode"
+    assert record["e2e_inst_per_s"] > 0
+
+
+def test_decode_batch_round_trips_within_jpeg_tolerance():
+    source = SyntheticObjects(8, 0, "train", SyntheticSpec(source_size=64, object_size=(10, 20)))
+    encoded = EncodedImages(source, quality=90)
+    assert len(encoded) == 8 and encoded.nbytes < 8 * 3 * 64 * 64  # compressed
+    packed, labels, skipped = collate_encoded([encoded[i] for i in range(8)])
+    decoded = decode_batch(unpack(packed), "cpu")
+    original = torch.stack([source[i][0] for i in range(8)])
+    assert decoded.shape == original.shape == (8, 3, 64, 64) and decoded.dtype == torch.uint8
+    psnr = 10 * torch.log10(255**2 / (decoded.float() - original.float()).pow(2).mean())
+    assert psnr > 28  # quality 90 on these cluttered scenes gives about 32 dB
+    assert labels.tolist() == [source[i][1] for i in range(8)] and skipped == 0
+    assert torch.equal(EncodedImages(source, decode=True, num_images=2)[1][0], decoded[1])
+
+
+def test_decode_batch_refuses_mixed_sizes():
+    small, big = (torch.zeros(3, s, s, dtype=torch.uint8) for s in (8, 16))
+    from torchvision.io import encode_jpeg
+
+    with pytest.raises(ValueError, match="differ in size"):
+        decode_batch(encode_jpeg([small, big]), "cpu")
+
+
+def test_table_merges_records_and_failures(tmp_path):
+    base = {"config": "r18", "device_name": "GPU X", "method": "leoclr", "backbone": "resnet18",
+            "image_size": 32, "batch_size": 512, "compile": False, "data": "synthetic",
+            "compute_inst_per_s": 20000.0, "e2e_inst_per_s": 15000.0, "ratio": 0.75, "compile_s": None,
+            "peak_gpu_mem_gib": 3.25}
+    (tmp_path / "01-a.json").write_text(json.dumps(base))
+    compiled = {**base, "method": "mocov2", "compile": True, "compile_s": 41.6}
+    failed = {"config": "r50", "method": "mocov2", "error": "exit 1, see 03-c.log"}
+    (tmp_path / "02-b.json").write_text(json.dumps(compiled))
+    (tmp_path / "03-c.json").write_text(json.dumps(failed))
+    out = tmp_path / "table.md"
+    assert main(["--table", str(tmp_path), "--out", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    assert len(lines) == 5 and lines[0].startswith("| config | device |")
+    row = "| r18 | GPU X | leoclr | resnet18 | 32 | 512 | off | synthetic | " + "20,000 | 15,000 | 0.75 | - | 3.2 |"
+    assert row in lines
+    assert "| mocov2 |" in lines[3] and "| on |" in lines[3] and "| 42 |" in lines[3]
+    assert "| r50 | - | mocov2 |" in lines[4] and "| exit 1, see 03-c.log |" in lines[4]
+    assert markdown_table([base]).splitlines()[2] == lines[2]
+
+
+def test_bad_override_exits_2_naming_the_field(spec_file, capsys):
+    assert main([str(spec_file), "--device", "cpu", "--set", "model.widht=4"]) == 2
+    assert "model.widht: unknown field" in capsys.readouterr().err
+
+
+def test_missing_spec_file_exits_2(tmp_path, capsys):
+    assert main([str(tmp_path / "nope.yaml"), "--device", "cpu"]) == 2
+    assert "cannot read spec file" in capsys.readouterr().err
