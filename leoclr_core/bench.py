@@ -200,6 +200,9 @@ def run_bench(spec: PretrainSpec, *, device: torch.device, steps: int, warmup: i
     views = random_views(method, runtime, b, size)
     compute = measure(lambda: train_step(method, optimizer, views, m, runtime), warmup, steps, b, device)
     del views
+    # Printed at once, so a run cut short during the end-to-end phase still leaves this figure.
+    log(f"compute-only: {compute.instances_per_s:,.0f} instances/s"
+        + (f" (first step {compute.first_step_s:.0f} s)" if compute.first_step_s is not None else ""))
 
     count = max(b, min(max_images, (warmup + steps) * b, spec.data.num_images or max_images))
     log(f"preparing {count} images ({data}) for the end-to-end run")

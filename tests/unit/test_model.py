@@ -97,22 +97,40 @@ def test_cosine_momentum_goes_from_base_to_one():
     assert momentum_at(0.99, 70, 100, "constant") == 0.99
 
 
-def test_split_bn_normalises_each_sub_batch_on_its_own():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_split_bn_normalises_each_sub_batch_on_its_own(channels_last):
     torch.manual_seed(0)
     bn = SplitBatchNorm2d(4, num_splits=2)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2.0)
+        bn.bias.uniform_(-1.0, 1.0)
     x = torch.randn(8, 4, 3, 3) * 3 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     out = bn.train()(x)
     for s in range(2):
-        sub = x[s::2]  # sample n belongs to sub-batch n % splits
-        expected = F.batch_norm(sub, None, None, training=True, eps=bn.eps)
-        assert torch.allclose(out[s::2], expected, atol=1e-5)
-    full = nn.BatchNorm2d(4)(x)
+        sub = x[4 * s : 4 * (s + 1)]  # sub-batches are contiguous chunks of the batch
+        expected = F.batch_norm(sub, None, None, bn.weight, bn.bias, training=True, eps=bn.eps)
+        assert torch.allclose(out[4 * s : 4 * (s + 1)], expected, atol=1e-5)
+    full = F.batch_norm(x, None, None, bn.weight, bn.bias, training=True, eps=bn.eps)
     assert not torch.allclose(out, full, atol=1e-3)
-    # running statistics: the mean over the sub-batches' updates
-    expected_mean = 0.1 * torch.stack([x[s::2].mean((0, 2, 3)) for s in range(2)]).mean(0)
+    # running statistics: the mean of what each sub-batch's BatchNorm2d update would give
+    expected_mean = 0.1 * torch.stack([x[4 * s : 4 * (s + 1)].mean((0, 2, 3)) for s in range(2)]).mean(0)
+    expected_var = 0.9 + 0.1 * torch.stack([x[4 * s : 4 * (s + 1)].var((0, 2, 3)) for s in range(2)]).mean(0)
     assert torch.allclose(bn.running_mean, expected_mean, atol=1e-5)
+    assert torch.allclose(bn.running_var, expected_var, atol=1e-4)
+    # gradients flow (the module is also usable in a trained encoder)
+    x.requires_grad_()
+    bn(x).sum().backward()
+    assert x.grad is not None and bn.weight.grad is not None
     with pytest.raises(ValueError, match="not divisible"):
         bn(torch.randn(3, 4, 2, 2))
+
+
+def test_split_bn_keeps_bfloat16_activations():
+    bn = SplitBatchNorm2d(2, num_splits=2).train()
+    out = bn(torch.randn(4, 2, 3, 3).bfloat16())
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
 
 
 def test_convert_to_split_bn_replaces_every_batchnorm_and_keeps_state():
