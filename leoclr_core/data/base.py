@@ -146,6 +146,19 @@ class ImageSource(Dataset):
         return path
 
 
+class InMemorySource(ImageSource):
+    """A source whose labels (and images) are already arrays in memory: `labels` (N,) int64."""
+
+    labels: np.ndarray
+
+    @property
+    def targets(self) -> np.ndarray:
+        return self.labels.copy() if self.labelled else np.full(len(self), -1, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
 def collate_images(batch: Sequence[tuple[torch.Tensor, int, int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Stack samples to (uint8 (B, 3, H, W), int64 labels (B,), total skipped corrupt files)."""
     if not batch:

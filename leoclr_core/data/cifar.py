@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from leoclr_core.data.base import ImageSource, check_resize, check_split
+from leoclr_core.data.base import InMemorySource, check_resize, check_split
 
 FOLDER = "cifar-10-batches-py"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -69,7 +69,7 @@ def _class_names(folder: Path) -> list[str]:
     return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
 
 
-class Cifar10(ImageSource):
+class Cifar10(InMemorySource):
     """CIFAR-10 train (data_batch_1..5) or test (test_batch) split, held in memory as (N, 3, 32, 32)."""
 
     name = "cifar10"
@@ -107,13 +107,6 @@ class Cifar10(ImageSource):
             raise ValueError(f"'{self.folder}': labels outside [0, {len(self.class_names)})")
         self.classes = self.class_names if self.labelled else None
         self.data, self.labels = data, labels
-
-    @property
-    def targets(self) -> np.ndarray:
-        return self.labels.copy() if self.labelled else np.full(len(self), -1, np.int64)
-
-    def __len__(self) -> int:
-        return len(self.labels)
 
     def _load(self, index: int) -> tuple[torch.Tensor, int]:
         return torch.from_numpy(self.data[index].copy()), int(self.labels[index])

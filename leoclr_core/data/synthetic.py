@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from leoclr_core.data.base import ImageSource, check_resize, check_split
+from leoclr_core.data.base import InMemorySource, check_resize, check_split
 from leoclr_core.spec import SyntheticSpec
 
 CLASS_NAMES = ("disc", "square", "triangle", "ring", "plus", "star", "crescent", "bars", "L", "T")
@@ -221,7 +221,7 @@ def _render_block(rng: np.random.Generator, labels: np.ndarray, spec: SyntheticS
     return images, np.clip(box, 0, s).astype(np.float32), np.clip(d_box, 0, s), d_cls.astype(np.int64)
 
 
-class SyntheticObjects(ImageSource):
+class SyntheticObjects(InMemorySource):
     """Deterministic by (seed, split): same arguments give byte-identical images; the test split
     draws from different RNG streams, so its images are new scenes, not copies of training ones.
 
@@ -264,13 +264,6 @@ class SyntheticObjects(ImageSource):
     def _rng(self, *key: int) -> np.random.Generator:
         ss = np.random.SeedSequence([_TAG, self.seed % 2**64], spawn_key=key)
         return np.random.Generator(np.random.PCG64(ss))
-
-    @property
-    def targets(self) -> np.ndarray:
-        return self.labels.copy() if self.labelled else np.full(len(self), -1, np.int64)
-
-    def __len__(self) -> int:
-        return len(self.labels)
 
     def _load(self, index: int) -> tuple[torch.Tensor, int]:
         return torch.from_numpy(self.images[index]).permute(2, 0, 1).contiguous(), int(self.labels[index])
