@@ -239,6 +239,10 @@ def pretrain(
         out.mkdir(parents=True, exist_ok=True)
         (out / "spec.json").write_text(spec.model_dump_json(indent=2))
     runtime = resolve_runtime(spec.scaling, device)
+    if spec.scaling.num_workers > 1 and not dist.is_distributed():
+        # Workers are started by the Ray layer (or any launcher that sets up torch.distributed).
+        log.warning("scaling.num_workers=%d but no process group: training on one worker in this process",
+                    spec.scaling.num_workers)
     torch.manual_seed(spec.seed)  # initial weights and queue depend only on the seed
 
     if spec.optim.batch_size % dist.world_size():
