@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_every_shipped_config_validates():
-    configs = sorted((ROOT / "configs").glob("*.yaml"))
+    configs = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "bench").glob("*.yaml"))
     assert configs, "configs/ must ship ready job specs"
     for path in configs:
         spec = load_spec(path)
