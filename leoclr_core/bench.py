@@ -36,7 +36,7 @@ from .data.jpeg import EncodedImages, collate_encoded, decode_batch, unpack
 from .engine import Runtime, build_optimizer, prepare_method, resolve_runtime, train_step
 from .methods import MomentumMethod, build_method
 from .spec import PretrainSpec, SpecError, load_spec
-from .train import ViewDataset, _collate_views, resize_for_batching
+from .train import ViewDataset, collate_views, resize_for_batching
 from .views import make_view_transform
 
 DEFAULT_SPEC = "configs/demo.yaml"
@@ -150,7 +150,7 @@ def build_feed(spec: PretrainSpec, runtime: Runtime, images: ImageSource, jpeg: 
     source = EncodedImages(images, JPEG_QUALITY, decode=True) if jpeg else images
     transform = make_view_transform(spec.method, spec.augment, d.image_size, d.mean, d.std)
     nbytes = source.nbytes if isinstance(source, EncodedImages) else 0
-    return Feed(ViewDataset(source, transform), _collate_views, False, jpeg, nbytes)
+    return Feed(ViewDataset(source, transform), collate_views, False, jpeg, nbytes)
 
 
 def view_batches(feed: Feed, spec: PretrainSpec, method: MomentumMethod, runtime: Runtime,

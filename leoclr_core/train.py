@@ -65,7 +65,7 @@ class ViewDataset(Dataset):
         return self.transform(image), label, skipped
 
 
-def _collate_views(batch):
+def collate_views(batch):
     views = tuple(torch.stack([b[0][v] for b in batch]) for v in range(len(batch[0][0])))
     labels = torch.tensor([b[1] for b in batch], dtype=torch.long)
     return views, labels, sum(b[2] for b in batch)
@@ -96,7 +96,7 @@ class ViewFeed:
         else:
             transform = make_view_transform(spec.method, aug, data.image_size, data.mean, data.std)
             self.dataset = ViewDataset(source, transform)
-            self.collate = _collate_views
+            self.collate = collate_views
         self.sampler = DistributedSampler(
             self.dataset, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=True,
             seed=spec.seed, drop_last=True,
