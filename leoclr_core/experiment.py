@@ -19,11 +19,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from .data import build_source
 from .engine import resolve_runtime
 from .model import build_backbone
 from .spec import PretrainSpec, parse_spec
-from .train import Callbacks, pretrain, run_knn
+from .train import Callbacks, job_source, pretrain, run_knn
 
 # One base spec for every run; the variants and methods below only override fields of it.
 BASE: dict[str, Any] = {
@@ -95,7 +94,7 @@ def random_init_knn(spec: PretrainSpec, device: str | None) -> float:
     backbone, _ = build_backbone(spec.model)
     runtime = resolve_runtime(spec.scaling, device)
     backbone.to(runtime.device)
-    result = run_knn(backbone, spec, runtime, build_source(spec.data, "train"), build_source(spec.data, "test"))
+    result = run_knn(backbone, spec, runtime, job_source(spec.data, "train"), job_source(spec.data, "test"))
     return float(result.knn_top1)  # type: ignore[arg-type]
 
 

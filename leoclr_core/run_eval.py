@@ -7,11 +7,10 @@ from typing import Any
 
 import torch
 
-from .data import build_source
 from .engine import resolve_runtime
 from .evaluate import evaluate_backbone
 from .spec import EvaluateSpec
-from .train import load_backbone, resize_for_batching
+from .train import job_source, load_backbone
 
 
 def evaluate_job(spec: EvaluateSpec, device: torch.device | str | None = None) -> dict[str, Any]:
@@ -25,9 +24,7 @@ def evaluate_job(spec: EvaluateSpec, device: torch.device | str | None = None) -
     backbone, model = load_backbone(spec.encoder.checkpoint)  # type: ignore[arg-type]
     backbone.to(runtime.device)
     d = spec.data
-    files = d.source != "synthetic-objects"
-    train = build_source(d, "train", resize_to=resize_for_batching(d) if files else None)
-    test = build_source(d, "test", resize_to=d.image_size if files else None)
+    train, test = job_source(d, "train"), job_source(d, "test")
     if not train.labelled or not train.num_classes:
         raise ValueError(f"data source {d.source!r} at {d.path!r} is unlabelled: evaluation needs labels")
     e = spec.eval

@@ -72,8 +72,17 @@ def collate_views(batch):
 
 
 def resize_for_batching(data: DataSpec) -> int:
-    """Square size file images are decoded to when batches must stack (batched/GPU views)."""
+    """Square size file images are decoded to, so that batches stack (views, feature extraction)."""
     return max(data.image_size, round(data.image_size * 8 / 7))
+
+
+def job_source(data: DataSpec, split: str) -> ImageSource:
+    """A job's train or test source; file images are decoded to a fixed square size so that
+    batches stack (synthetic scenes already have one)."""
+    if data.source == "synthetic-objects":
+        return build_source(data, split)  # type: ignore[arg-type]
+    size = resize_for_batching(data) if split == "train" else data.image_size
+    return build_source(data, split, resize_to=size)  # type: ignore[arg-type]
 
 
 class ViewFeed:
@@ -247,15 +256,13 @@ def pretrain(
 
     if spec.optim.batch_size % dist.world_size():
         raise ValueError(f"optim.batch_size {spec.optim.batch_size} is not divisible by {dist.world_size()} workers")
-    batched_files = spec.data.source != "synthetic-objects"
-    train_set = build_source(spec.data, "train", resize_to=resize_for_batching(spec.data) if batched_files else None)
+    train_set = job_source(spec.data, "train")
     if spec.loss.queue_size > len(train_set):
         raise ValueError(
             f"loss.queue_size ({spec.loss.queue_size}) exceeds the {len(train_set)} training images; "
             "the queue would hold keys of the very images it is contrasted with"
         )
-    test_set = build_source(spec.data, "test", resize_to=spec.data.image_size if batched_files else None) \
-        if spec.data.num_test_images > 0 and train_set.labelled else None
+    test_set = job_source(spec.data, "test") if spec.data.num_test_images > 0 and train_set.labelled else None
 
     method = build_method(spec.method, spec.model, spec.loss, spec.optim.batch_size // dist.world_size(),
                           distributed=dist.is_distributed())
