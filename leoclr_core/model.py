@@ -112,6 +112,25 @@ def build_encoder(spec: ModelSpec) -> Encoder:
     return Encoder(backbone, dim, spec.proj_hidden_dim, spec.proj_dim)
 
 
+class ImageEncoder(nn.Module):
+    """The encoder a user pulls from the registry: float images in [0, 1], shape (N, 3, H, W),
+    in; backbone features (N, D) out. It normalises with the statistics it was trained with,
+    so callers need to know nothing but the image size (`image_size`, the training view size).
+    """
+
+    def __init__(self, backbone: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], image_size: int):
+        super().__init__()
+        self.backbone = backbone
+        self.image_size = int(image_size)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected float images (N, 3, H, W) in [0, 1], got shape {tuple(images.shape)}")
+        return self.backbone((images.float() - self.mean) / self.std)
+
+
 # ---------------------------------------------------------------- momentum
 @torch.no_grad()
 def update_momentum(online: nn.Module, target: nn.Module, m: float) -> None:

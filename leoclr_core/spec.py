@@ -192,6 +192,11 @@ class ScalingSpec(_Section):
     compile: bool = False
     loader_workers: Annotated[int, Field(ge=0, le=64)] = 0
     log_every: PositiveInt = 10  # steps between reading the loss back from the device
+    # Ray only: the Ray Data actor pool that decodes and augments (its size bounds the CPU it takes),
+    # and how the training workers are placed (STRICT_SPREAD: one worker per node).
+    data_workers: Annotated[int, Field(ge=1, le=1024)] = 1
+    data_cpus_per_worker: Annotated[float, Field(gt=0)] = 1.0
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
 class EvalSpec(_Section):
@@ -207,6 +212,12 @@ class CheckpointSpec(_Section):
     every: PositiveInt = 1  # epochs
     keep: PositiveInt = 2
     resume: bool = True  # continue from the newest checkpoint in the output folder
+    # Ray only: worker failures survived by restarting from the newest checkpoint (-1: no limit).
+    max_failures: Annotated[int, Field(ge=-1)] = 3
+    # Ray only: where Ray Train keeps checkpoints; every node must reach it (NFS, s3://, gs://)
+    # when workers span nodes. Default: <LEOCLR_DATA_DIR>/ray.
+    storage_path: str | None = None
+    log_to_mlflow: bool = True  # also copy each checkpoint into the MLflow run's artifacts
 
 
 class RegisterSpec(_Section):
@@ -294,7 +305,9 @@ class EvaluateSpec(_JobSpec):
     kind: Literal["evaluate"] = "evaluate"
     encoder: EncoderRef
     data: DataSpec = DataSpec()
-    protocol: Literal["knn", "linear", "both"] = "knn"
+    # transfer: k-NN and a linear probe on a dataset other than the one the encoder was trained on,
+    # recorded as a transfer result on the model version.
+    protocol: Literal["knn", "linear", "both", "transfer"] = "knn"
     eval: EvalSpec = EvalSpec()
     scaling: ScalingSpec = ScalingSpec()
 

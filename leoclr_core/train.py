@@ -85,7 +85,18 @@ def job_source(data: DataSpec, split: str) -> ImageSource:
     return build_source(data, split, resize_to=size)  # type: ignore[arg-type]
 
 
-class ViewFeed:
+class Feed:
+    """What the epoch loop needs of its data: batches of views on the device, epoch by epoch."""
+
+    num_images: int
+    steps_per_epoch: int
+    skipped: int
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, ...]]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class ViewFeed(Feed):
     """Turns a data source into batches of views on the training device, one epoch at a time.
 
     `augment.device` = cpu: torchvision v2 per sample in the loader; gpu (or `batched` on CPU):
@@ -116,6 +127,7 @@ class ViewFeed:
                 f"{len(source)} images make no full batch of {self.per_worker_batch} per worker"
             )
         self.skipped = 0
+        self.num_images = len(source)
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, ...]]:
         seed = epoch_seed(self.spec.seed, epoch, dist.rank())
@@ -232,19 +244,61 @@ def load_backbone(path: str | Path) -> tuple[nn.Module, ModelSpec]:
     return backbone.eval(), model
 
 
+class CheckpointStore:
+    """Where a run's checkpoints live: the newest one to resume from, and where each epoch ends.
+
+    `end_epoch` is called on every rank after every epoch (a Ray Train store reports there, which
+    every worker must do); `state` builds the checkpoint when one is due, on rank 0 only.
+    """
+
+    def latest(self) -> dict[str, Any] | None:
+        return None
+
+    def end_epoch(self, record: dict[str, Any], state: Callable[[], dict[str, Any]] | None) -> Path | None:
+        return None
+
+
+class FolderStore(CheckpointStore):
+    """`epoch-NNNN.pt` files in one folder, the newest `keep` kept (the in-process runner's store)."""
+
+    def __init__(self, directory: Path, keep: int, resume: bool = True):
+        self.directory, self.keep, self.resume = Path(directory), keep, resume
+
+    def latest(self) -> dict[str, Any] | None:
+        found = latest_checkpoint(self.directory) if self.resume else None
+        if found is None:
+            return None
+        log.info("resuming from %s", found)
+        return load_checkpoint(found)
+
+    def end_epoch(self, record: dict[str, Any], state: Callable[[], dict[str, Any]] | None) -> Path | None:
+        return save_checkpoint(state(), self.directory, self.keep) if state is not None else None
+
+
+FeedFactory = Callable[[PretrainSpec, MomentumMethod, Runtime], Feed]
+
+
 def pretrain(
     spec: PretrainSpec,
     *,
     device: torch.device | str | None = None,
     callbacks: Callbacks | None = None,
     out_dir: Path | None = None,
+    feed: FeedFactory | None = None,
+    store: CheckpointStore | None = None,
+    write_outputs: bool = True,
 ) -> RunState:
-    """Run (or resume) the pretraining described by `spec`; returns the history and final metrics."""
+    """Run (or resume) the pretraining described by `spec`; returns the history and final metrics.
+
+    In-process by default. The Ray layer passes its own `feed` (a Ray Data shard), `store`
+    (`ray.train.report`) and `write_outputs=False` (its driver writes the run folder).
+    """
     cb = callbacks or Callbacks()
     out = Path(out_dir) if out_dir else spec.out_dir
-    ckpt_dir, metrics_path = out / "checkpoints", out / "metrics.jsonl"
+    metrics_path = out / "metrics.jsonl"
     main = dist.rank() == 0
-    if main:
+    writes = main and write_outputs
+    if writes:
         out.mkdir(parents=True, exist_ok=True)
         (out / "spec.json").write_text(spec.model_dump_json(indent=2))
     runtime = resolve_runtime(spec.scaling, device)
@@ -256,47 +310,60 @@ def pretrain(
 
     if spec.optim.batch_size % dist.world_size():
         raise ValueError(f"optim.batch_size {spec.optim.batch_size} is not divisible by {dist.world_size()} workers")
-    train_set = job_source(spec.data, "train")
-    if spec.loss.queue_size > len(train_set):
-        raise ValueError(
-            f"loss.queue_size ({spec.loss.queue_size}) exceeds the {len(train_set)} training images; "
-            "the queue would hold keys of the very images it is contrasted with"
-        )
-    test_set = job_source(spec.data, "test") if spec.data.num_test_images > 0 and train_set.labelled else None
+    sets: dict[str, ImageSource | None] = {}
+
+    def eval_sets() -> tuple[ImageSource, ImageSource | None]:
+        """k-NN's memory bank and test split, built once and only where k-NN runs (rank 0)."""
+        if "train" not in sets:
+            sets["train"] = job_source(spec.data, "train")
+        if "test" not in sets:
+            labelled = sets["train"].labelled  # type: ignore[union-attr]
+            sets["test"] = job_source(spec.data, "test") if spec.data.num_test_images > 0 and labelled else None
+        return sets["train"], sets["test"]  # type: ignore[return-value]
 
     method = build_method(spec.method, spec.model, spec.loss, spec.optim.batch_size // dist.world_size(),
                           distributed=dist.is_distributed())
     method = prepare_method(method, runtime)
-    feed = ViewFeed(spec, method, runtime, train_set)
+    if feed is None:
+        sets["train"] = job_source(spec.data, "train")
+        source = sets["train"]
+        data = ViewFeed(spec, method, runtime, source)
+    else:
+        data = feed(spec, method, runtime)
+    if spec.loss.queue_size > data.num_images:
+        raise ValueError(
+            f"loss.queue_size ({spec.loss.queue_size}) exceeds the {data.num_images} training images; "
+            "the queue would hold keys of the very images it is contrasted with"
+        )
     optimizer = build_optimizer(method, spec.optim)
-    scheduler = build_scheduler(optimizer, spec.optim, feed.steps_per_epoch)
+    scheduler = build_scheduler(optimizer, spec.optim, data.steps_per_epoch)
+    store = store or FolderStore(out / "checkpoints", spec.checkpoint.keep, spec.checkpoint.resume)
 
-    state = RunState(out_dir=out, epochs=spec.optim.epochs, steps_per_epoch=feed.steps_per_epoch)
+    state = RunState(out_dir=out, epochs=spec.optim.epochs, steps_per_epoch=data.steps_per_epoch)
     global_step = 0
-    found = latest_checkpoint(ckpt_dir) if spec.checkpoint.resume else None
-    if found is not None:
-        ckpt = load_checkpoint(found)
+    ckpt = store.latest()
+    if ckpt is not None:
         state.start_epoch, global_step = restore_training_state(ckpt, method, optimizer, scheduler)
         state.final = ckpt.get("metrics", {})
-        log.info("resumed from %s (epoch %d, step %d)", found, state.start_epoch, global_step)
-        if main:
+        log.info("resumed at epoch %d, step %d", state.start_epoch, global_step)
+        if writes:
             _truncate_metrics(metrics_path, state.start_epoch)
             state.history = _epoch_records(metrics_path)
-    elif main and metrics_path.exists():
+    elif writes and metrics_path.exists():
         metrics_path.unlink()
     cb.on_start(state)
 
-    total_steps = spec.optim.epochs * feed.steps_per_epoch
+    total_steps = spec.optim.epochs * data.steps_per_epoch
     every, last = spec.eval.knn_every, spec.optim.epochs
     for epoch in range(state.start_epoch, spec.optim.epochs):
         def on_log(record: dict[str, Any], _epoch: int = epoch) -> None:
             record = {"type": "step", "epoch": _epoch + 1, **record}
-            if main:
+            if writes:
                 _append_jsonl(metrics_path, record)
             cb.on_log(record)
 
         result = train_epoch(
-            method, optimizer, scheduler, feed.epoch(epoch), runtime,
+            method, optimizer, scheduler, data.epoch(epoch), runtime,
             global_step=global_step, total_steps=total_steps, momentum_base=spec.loss.momentum,
             momentum_schedule=spec.loss.momentum_schedule, log_every=spec.scaling.log_every, on_log=on_log,
         )
@@ -305,26 +372,39 @@ def pretrain(
         record: dict[str, Any] = {
             "type": "epoch", "epoch": done, "step": global_step, "loss": result.loss, "lr": result.last_lr,
             "momentum": result.last_momentum, "instances_per_s": result.instances_per_s,
-            "epoch_seconds": result.seconds, "skipped_files": feed.skipped,
+            "epoch_seconds": result.seconds, "skipped_files": data.skipped,
         }
-        if (every and done % every == 0) or done == last:
-            evald = run_knn(method.query_encoder.backbone, spec, runtime, train_set, test_set,
+        if main and ((every and done % every == 0) or done == last):
+            # Rank 0 only: the other workers wait at the next collective (or the report barrier).
+            evald = run_knn(method.query_encoder.backbone, spec, runtime, *eval_sets(),
                             linear=spec.eval.linear_probe and done == last)
             record.update(evald.as_metrics())
         state.history.append(record)
-        if main:
-            if done % spec.checkpoint.every == 0 or done == last:
-                st = training_state(method, optimizer, scheduler, epoch=done, global_step=global_step,
-                                    spec=spec.model_dump(mode="json"), metrics=record)
-                cb.on_checkpoint(save_checkpoint(st, ckpt_dir, spec.checkpoint.keep), done)
+        due = main and (done % spec.checkpoint.every == 0 or done == last)
+
+        def make_state(_record: dict[str, Any] = record, _done: int = done, _step: int = global_step) -> dict[str, Any]:
+            return training_state(method, optimizer, scheduler, epoch=_done, global_step=_step,
+                                  spec=spec.model_dump(mode="json"), metrics=_record)
+
+        saved = store.end_epoch(record, make_state if due else None)
+        if saved is not None:
+            cb.on_checkpoint(saved, done)
+        if writes:
             _append_jsonl(metrics_path, record)
         cb.on_epoch(record, state)
 
     if main:
         state.final = state.history[-1] if state.history else state.final
+    if writes:
         save_encoder(out / "encoder.pt", method.query_encoder.backbone, spec.model,
-                     {"method": spec.method, "metrics": state.final})
-        summary = {"name": spec.name, "method": spec.method, "epochs": spec.optim.epochs,
-                   "final": state.final, "finished_at": time.time()}
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+                     {"method": spec.method, "metrics": state.final, "data": spec.data.model_dump(mode="json")})
+        write_summary(out, spec, state.final)
     return state
+
+
+def write_summary(out: Path, spec: PretrainSpec, final: dict[str, Any], **extra: Any) -> Path:
+    summary = {"name": spec.name, "method": spec.method, "epochs": spec.optim.epochs,
+               "final": final, "finished_at": time.time(), **extra}
+    path = out / "summary.json"
+    path.write_text(json.dumps(summary, indent=2))
+    return path

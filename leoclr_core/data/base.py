@@ -159,6 +159,17 @@ class InMemorySource(ImageSource):
         return len(self.labels)
 
 
+def as_hwc_array(source: ImageSource) -> np.ndarray:
+    """All images of a fixed-size source as one uint8 (N, H, W, 3) array (for Ray Data's
+    `from_numpy`); synthetic scenes are already held that way."""
+    held = getattr(source, "images", None)
+    if isinstance(held, np.ndarray) and held.ndim == 4 and held.shape[-1] == 3 and source.resize_to is None:
+        return held
+    if source.fixed_size is None:
+        raise ValueError(f"{source!r} has images of different sizes; build it with resize_to=<size>")
+    return np.stack([source[i][0].permute(1, 2, 0).numpy() for i in range(len(source))])
+
+
 def collate_images(batch: Sequence[tuple[torch.Tensor, int, int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Stack samples to (uint8 (B, 3, H, W), int64 labels (B,), total skipped corrupt files)."""
     if not batch:

@@ -11,6 +11,7 @@ LOAD_TRUNCATED_IMAGES is left alone), because half a photo is a wrong training s
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -145,13 +146,19 @@ class ImageFolder(ImageSource):
 
     def _load(self, index: int) -> tuple[torch.Tensor, int]:
         path = self.files[index]
-        try:
-            with Image.open(path) as im:
-                if self.resize_to is not None:
-                    im.draft("RGB", (self.resize_to, self.resize_to))  # JPEG: decode at reduced scale
-                im.load()  # forces full decoding here, so truncation is caught here
-                rgb = im.convert("RGB")
-        except _DECODE_ERRORS as exc:  # UnidentifiedImageError is an OSError
-            raise CorruptImageError(f"{type(exc).__name__}: {exc}") from exc
-        array = np.asarray(rgb, dtype=np.uint8)
-        return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous(), int(self.labels[index])
+        return decode_image(path, self.resize_to), int(self.labels[index])
+
+
+def decode_image(file: str | Path | io.BytesIO, draft_size: int | None = None) -> torch.Tensor:
+    """A uint8 (3, H, W) RGB tensor from an image file or its bytes; CorruptImageError if unreadable.
+    `draft_size` lets JPEG decode at a reduced scale near it (the caller still resizes)."""
+    try:
+        with Image.open(file) as im:
+            if draft_size is not None:
+                im.draft("RGB", (draft_size, draft_size))
+            im.load()  # forces full decoding here, so truncation is caught here
+            rgb = im.convert("RGB")
+    except _DECODE_ERRORS as exc:  # UnidentifiedImageError is an OSError
+        raise CorruptImageError(f"{type(exc).__name__}: {exc}") from exc
+    array = np.asarray(rgb, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()

@@ -1,0 +1,198 @@
+"""Ray Data: read the images, decode them, make the views, stream them to the training workers.
+
+Pipeline of a pretrain job (built on the driver, executed afresh every epoch):
+
+    in-memory source (synthetic, CIFAR)      -> from_numpy, in blocks
+    image files (local folder or s3://, gs://)  -> read_binary_files -> decode (tasks)
+      -> randomize_block_order
+      -> views: a `map_batches` actor pool of `scaling.data_workers` actors on CPU, or nothing when
+         the training workers augment on their own GPU (`augment.device` gpu, or auto with GPUs)
+      -> streaming_split(num_workers, equal=True) -> `get_dataset_shard` in each worker
+
+Ray Data's streaming executor holds back upstream operators when downstream ones fall behind,
+so memory stays bounded by its object-store budget, not by the dataset. Corrupt files are
+dropped at decode time and counted by a small actor (their distinct paths, so a file seen again
+in every epoch counts once); the count is the `skipped_files` metric.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import ray
+import ray.train
+import torch
+
+from .. import dist
+from ..augment import BatchedViews
+from ..data import as_hwc_array
+from ..data.base import CorruptImageError, resize_square
+from ..data.imagefolder import EXTENSIONS, ImageFolder, decode_image
+from ..engine import Runtime
+from ..methods import METHOD_REGISTRY, MomentumMethod
+from ..spec import PretrainSpec
+from ..train import Feed, epoch_seed, job_source, resize_for_batching
+from ..views import make_view_transform
+
+log = logging.getLogger(__name__)
+
+BLOCK_ROWS = 512  # rows per block of an in-memory source: enough blocks to shuffle their order
+IMAGE = "data"  # the image column (uint8 N, H, W, 3)
+
+
+@ray.remote(num_cpus=0)
+class SkipCounter:
+    """Distinct unreadable files seen by the decode tasks of one job."""
+
+    def __init__(self) -> None:
+        self.paths: set[str] = set()
+
+    def add(self, paths: list[str]) -> None:
+        self.paths.update(paths)
+
+    def count(self) -> int:
+        return len(self.paths)
+
+
+def augment_on_worker(spec: PretrainSpec) -> bool:
+    """Views made by the training workers on their GPU (images are streamed), or by CPU actors."""
+    aug = spec.augment
+    return aug.device == "gpu" or (aug.device == "auto" and spec.scaling.use_gpu)
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def list_image_files(uri: str) -> list[str]:
+    """Image files under a local folder or an object-store prefix (pyarrow's filesystems)."""
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(uri)
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    scheme = uri.split("://", 1)[0]
+    found = sorted(
+        f"{scheme}://{i.path}" for i in infos
+        if i.type == pafs.FileType.File and Path(i.path).suffix.lower() in EXTENSIONS
+        and not Path(i.path).name.startswith(".")
+    )
+    if not found:
+        raise ValueError(f"no image files ({', '.join(EXTENSIONS)}) under {uri}")
+    return found
+
+
+def decode_batch(batch: dict[str, np.ndarray], size: int, counter: Any | None) -> dict[str, np.ndarray]:
+    """Bytes -> uint8 (N, size, size, 3); unreadable files are dropped and reported to `counter`."""
+    images, bad = [], []
+    for data, path in zip(batch["bytes"], batch["path"]):
+        try:
+            image = decode_image(io.BytesIO(data), draft_size=size)
+        except CorruptImageError as exc:
+            log.warning("skipping corrupt image %s: %s", path, exc)
+            bad.append(str(path))
+            continue
+        images.append(resize_square(image, size).permute(1, 2, 0).numpy())
+    if bad and counter is not None:
+        counter.add.remote(bad)
+    if not images:
+        return {IMAGE: np.zeros((0, size, size, 3), np.uint8)}
+    return {IMAGE: np.stack(images)}
+
+
+class MakeViews:
+    """A Ray Data actor: uint8 images in, normalised views out (float16 halves the bytes moved)."""
+
+    def __init__(self, spec_json: dict[str, Any], threads: int = 1):
+        torch.set_num_threads(max(1, threads))
+        spec = PretrainSpec.model_validate(spec_json)
+        aug, d = spec.augment, spec.data
+        self.kinds = METHOD_REGISTRY[spec.method].view_kinds
+        if aug.batched:
+            self.batched = BatchedViews(aug, d.image_size, d.mean, d.std, kinds=self.kinds)
+        else:
+            self.batched = None
+            self.transform = make_view_transform(spec.method, aug, d.image_size, d.mean, d.std)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = torch.from_numpy(np.ascontiguousarray(batch[IMAGE])).permute(0, 3, 1, 2)
+        if self.batched is not None:
+            views = self.batched(images)
+        else:
+            per_image = [self.transform(im) for im in images]
+            views = tuple(torch.stack([v[k] for v in per_image]) for k in range(len(self.kinds)))
+        return {f"view{k}": v.to(torch.float16).numpy() for k, v in enumerate(views)}
+
+
+def build_dataset(spec: PretrainSpec, counter: Any | None = None) -> tuple[ray.data.Dataset, int]:
+    """The training stream of `spec` and the number of images it holds (before unreadable ones)."""
+    d = spec.data
+    if d.source == "imagefolder":
+        size = resize_for_batching(d)
+        if is_uri(d.path):  # type: ignore[arg-type]
+            paths = list_image_files(d.path)  # type: ignore[arg-type]
+            if d.num_images is not None:
+                paths = paths[: d.num_images]
+        else:  # the same train split as the in-process runner (hold-out, caps, seeds)
+            folder = ImageFolder(d.path, "train", labelled=False, num_images=d.num_images,  # type: ignore[arg-type]
+                                 num_test=d.num_test_images, seed=d.seed)
+            paths = [str(p) for p in folder.files]
+        ds = ray.data.read_binary_files(paths, include_paths=True)
+        ds = ds.map_batches(decode_batch, fn_kwargs={"size": size, "counter": counter}, batch_size=64)
+        n = len(paths)
+    else:
+        images = as_hwc_array(job_source(d, "train"))
+        n = len(images)
+        # Column "data", from_numpy's own name: a rename would add a task stage for nothing.
+        ds = ray.data.from_numpy([images[i:i + BLOCK_ROWS] for i in range(0, n, BLOCK_ROWS)])
+    ds = ds.randomize_block_order()
+    if not augment_on_worker(spec):
+        s = spec.scaling
+        ds = ds.map_batches(
+            MakeViews,
+            fn_constructor_kwargs={"spec_json": spec.model_dump(mode="json"), "threads": int(s.data_cpus_per_worker)},
+            compute=ray.data.ActorPoolStrategy(size=s.data_workers),
+            num_cpus=s.data_cpus_per_worker,
+            batch_size=max(32, spec.optim.batch_size // s.num_workers),
+        )
+    return ds, n
+
+
+class RayFeed(Feed):
+    """This worker's shard of the stream, as batches of views on the training device."""
+
+    def __init__(self, spec: PretrainSpec, method: MomentumMethod, runtime: Runtime, num_images: int,
+                 counter: Any | None = None):
+        self.spec, self.runtime, self.counter = spec, runtime, counter
+        self.shard = ray.train.get_dataset_shard("train")
+        world = dist.world_size()
+        self.batch = spec.optim.batch_size // world
+        self.num_images = num_images
+        self.steps_per_epoch = (num_images // world) // self.batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{num_images} images make no full batch of {self.batch} per worker")
+        self.kinds = method.view_kinds
+        self.maker = None
+        if augment_on_worker(spec):
+            d = spec.data
+            self.maker = BatchedViews(spec.augment, d.image_size, d.mean, d.std, kinds=self.kinds)
+        self.skipped = 0
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        seed = epoch_seed(self.spec.seed, epoch, dist.rank())
+        batches = self.shard.iter_torch_batches(
+            batch_size=self.batch, drop_last=True, prefetch_batches=2,
+            local_shuffle_buffer_size=2 * self.batch, local_shuffle_seed=seed,
+        )
+        gen = torch.Generator(device=self.runtime.device).manual_seed(seed) if self.maker else None
+        for batch in batches:
+            if self.maker is not None:
+                images = batch[IMAGE].to(self.runtime.device, non_blocking=True).permute(0, 3, 1, 2)
+                yield tuple(self.runtime.to_device(v) for v in self.maker(images, generator=gen))
+            else:
+                yield tuple(self.runtime.to_device(batch[f"view{k}"]).float() for k in range(len(self.kinds)))
+        if self.counter is not None:
+            self.skipped = int(ray.get(self.counter.count.remote()))

@@ -1,0 +1,319 @@
+"""A pretrain job on Ray Train: the driver builds a `TorchTrainer` from the spec; each worker runs
+the in-process engine (`leoclr_core.train.pretrain`) on its Ray Data shard under DDP.
+
+What the driver owns: the MLflow run (found again when a job resumes), the dataset, the
+trainer, the progress display, and, after `fit`, the run folder (`encoder.pt`, `metrics.jsonl`,
+`summary.json`) and the registered encoder. What rank 0 owns: metrics into MLflow as they
+happen, checkpoints through `ray.train.report` every `checkpoint.every` epochs.
+
+Fault tolerance is Ray Train's: a dead worker fails the worker group, which restarts (up to
+`checkpoint.max_failures` times) from the newest reported checkpoint. Re-running a job with
+the same name and storage path resumes it (Ray Train v2).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import ray
+import ray.train
+import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from .. import tracking
+from ..checkpoint import atomic_save, load_checkpoint
+from ..engine import Runtime
+from ..methods import MomentumMethod
+from ..model import build_backbone
+from ..settings import CoreSettings, core_settings
+from ..spec import PretrainSpec
+from ..train import Callbacks, CheckpointStore, RunState, pretrain, save_encoder, write_summary
+from .data import RayFeed, SkipCounter, build_dataset
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+# ---------------------------------------------------------------- progress: rank 0 -> driver
+@ray.remote(num_cpus=0)
+class ProgressLog:
+    """Records pushed by rank 0 (fire and forget), read by the driver's display thread."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    def push(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+
+    def since(self, index: int) -> list[dict[str, Any]]:
+        return self.records[index:]
+
+
+class PushProgress(Callbacks):
+    def __init__(self, actor: Any):
+        self.actor = actor
+
+    def on_start(self, state: RunState) -> None:
+        self.actor.push.remote({"type": "start", "epochs": state.epochs, "steps_per_epoch": state.steps_per_epoch,
+                                "start_epoch": state.start_epoch})
+
+    def on_log(self, record: dict[str, Any]) -> None:
+        self.actor.push.remote(record)
+
+    def on_epoch(self, record: dict[str, Any], state: RunState) -> None:
+        self.actor.push.remote(record)
+
+
+class AllCallbacks(Callbacks):
+    def __init__(self, *callbacks: Callbacks):
+        self.callbacks = callbacks
+
+    def on_start(self, state: RunState) -> None:
+        for c in self.callbacks:
+            c.on_start(state)
+
+    def on_log(self, record: dict[str, Any]) -> None:
+        for c in self.callbacks:
+            c.on_log(record)
+
+    def on_epoch(self, record: dict[str, Any], state: RunState) -> None:
+        for c in self.callbacks:
+            c.on_epoch(record, state)
+
+    def on_checkpoint(self, path: Path, epoch: int) -> None:
+        for c in self.callbacks:
+            c.on_checkpoint(path, epoch)
+
+
+# ---------------------------------------------------------------- checkpoints: ray.train.report
+def _scalars(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+
+
+class RayTrainStore(CheckpointStore):
+    """Every worker reports each epoch (Ray Train needs the same number of reports from all);
+    rank 0 attaches the checkpoint when one is due. `on_saved` sees the file before upload."""
+
+    def __init__(self, on_saved: Callable[[Path, int], None] | None = None):
+        self.on_saved = on_saved
+
+    def latest(self) -> dict[str, Any] | None:
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        with ckpt.as_directory() as d:
+            return load_checkpoint(Path(d) / CHECKPOINT_FILE)
+
+    def end_epoch(self, record: dict[str, Any], state: Callable[[], dict[str, Any]] | None) -> Path | None:
+        metrics = _scalars(record)
+        if state is None:
+            ray.train.report(metrics)
+            return None
+        with tempfile.TemporaryDirectory(prefix="leoclr-ckpt-") as tmp:
+            path = atomic_save(state(), Path(tmp) / CHECKPOINT_FILE)
+            if self.on_saved is not None:
+                self.on_saved(path, record["epoch"])
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"epoch-{record['epoch']:04d}")
+        return None
+
+
+# ---------------------------------------------------------------- the worker
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    spec = PretrainSpec.model_validate(config["spec"])
+    settings = CoreSettings(data_dir=config["data_dir"], mlflow_tracking_uri=config["tracking_uri"])
+    rank = ray.train.get_context().get_world_rank()
+    torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
+    callbacks: list[Callbacks] = []
+    on_saved = None
+    if rank == 0:
+        mlflow_cb = tracking.MlflowCallbacks(config["run_id"], log_checkpoints=spec.checkpoint.log_to_mlflow,
+                                             settings=settings)
+        callbacks += [PushProgress(config["progress"]), mlflow_cb]
+        on_saved = mlflow_cb.on_checkpoint
+
+    def feed(s: PretrainSpec, method: MomentumMethod, runtime: Runtime) -> RayFeed:
+        return RayFeed(s, method, runtime, config["num_images"], config.get("counter"))
+
+    pretrain(spec, device=ray.train.torch.get_device(), callbacks=AllCallbacks(*callbacks), feed=feed,
+             store=RayTrainStore(on_saved), write_outputs=False)
+
+
+# ---------------------------------------------------------------- the driver
+@dataclass
+class RayRun:
+    """What a finished Ray pretrain job leaves: its folder, MLflow run, encoder, and the restarts it survived."""
+
+    state: RunState
+    run_id: str
+    storage: str
+    encoder: tracking.RegisteredEncoder | None = None
+    restarts: int = 0
+    epochs_redone: int = 0
+    seconds: float = 0.0
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _Follower:
+    """Reads rank 0's records off the ProgressLog actor and replays them into the caller's callbacks.
+    A worker-group restart shows up as a second "start": counted, and its repeated epochs noted."""
+
+    def __init__(self, actor: Any, callbacks: Callbacks, out: Path, epochs: int):
+        self.actor, self.cb, self.out = actor, callbacks, out
+        self.index, self.records, self.restarts, self.redone = 0, [], 0, 0
+        self.state: RunState | None = None
+        self.last_epoch = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="leoclr-progress", daemon=True)
+        self.epochs = epochs
+
+    def _handle(self, r: dict[str, Any]) -> None:
+        if r["type"] == "start":
+            if self.state is None:
+                self.state = RunState(out_dir=self.out, epochs=r["epochs"], steps_per_epoch=r["steps_per_epoch"],
+                                      start_epoch=r["start_epoch"])
+                self.last_epoch = r["start_epoch"]
+                self.cb.on_start(self.state)
+            else:
+                self.restarts += 1
+                self.redone += max(0, self.last_epoch - r["start_epoch"])
+                log.warning("worker group restarted from epoch %d (last finished epoch %d)",
+                            r["start_epoch"], self.last_epoch)
+            # Records of epochs the restart will run again are dropped.
+            self.records = [x for x in self.records if x.get("epoch", 0) <= r["start_epoch"]]
+            if self.state is not None:
+                self.state.history = [x for x in self.records if x["type"] == "epoch"]
+            return
+        self.records.append(r)
+        if r["type"] == "step":
+            self.cb.on_log(r)
+        elif r["type"] == "epoch" and self.state is not None:
+            self.last_epoch = r["epoch"]
+            self.state.history.append(r)
+            self.cb.on_epoch(r, self.state)
+
+    def poll(self) -> None:
+        new = ray.get(self.actor.since.remote(self.index))
+        self.index += len(new)
+        for r in new:
+            self._handle(r)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.poll()
+            except Exception as exc:  # noqa: BLE001 - a display problem must not stop the run
+                log.debug("progress poll failed: %s", exc)
+            self.stop.wait(0.5)
+
+    def __enter__(self) -> "_Follower":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.poll()
+
+
+def cluster_cpus_needed(spec: PretrainSpec) -> float:
+    """Logical CPUs a job asks of Ray: its training workers, one for Ray Data's read and decode
+    tasks, and, unless GPUs augment, its view actors (which hold theirs for the whole epoch)."""
+    s = spec.scaling
+    need = s.num_workers * s.cpus_per_worker + 1
+    from .data import augment_on_worker
+
+    if not augment_on_worker(spec):
+        need += s.data_workers * s.data_cpus_per_worker
+    return need
+
+
+def run_pretrain(
+    spec: PretrainSpec,
+    *,
+    callbacks: Callbacks | None = None,
+    out_dir: Path | None = None,
+    settings: CoreSettings | None = None,
+) -> RayRun:
+    """Run `spec` on the connected Ray cluster (`ray.init` done by the caller); blocks until done."""
+    s = settings or core_settings()
+    cb = callbacks or Callbacks()
+    out = Path(out_dir) if out_dir else spec.out_dir
+    started = time.perf_counter()
+    storage = spec.checkpoint.storage_path or s.ray_storage
+    if "://" not in storage:
+        Path(storage).mkdir(parents=True, exist_ok=True)
+    # Ray Train v2 resumes a run re-run under the same name and storage; resume: false gets a fresh name.
+    run_name = spec.name if spec.checkpoint.resume else f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_id = tracking.start_job_run(spec, f"{storage}/{run_name}", settings=s)
+    ok = False
+    try:
+        counter = SkipCounter.remote() if spec.data.source == "imagefolder" else None
+        dataset, num_images = build_dataset(spec, counter)
+        progress = ProgressLog.remote()
+        sc = spec.scaling
+        resources = {"CPU": sc.cpus_per_worker}
+        if sc.use_gpu:
+            resources["GPU"] = sc.gpus_per_worker
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "spec": spec.model_dump(mode="json"), "run_id": run_id, "tracking_uri": s.tracking_uri,
+                "data_dir": str(s.home), "progress": progress, "counter": counter, "num_images": num_images,
+            },
+            scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
+                                         resources_per_worker=resources, placement_strategy=sc.placement_strategy),
+            run_config=RunConfig(
+                name=run_name, storage_path=storage,
+                checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
+                failure_config=FailureConfig(max_failures=spec.checkpoint.max_failures),
+            ),
+            datasets={"train": dataset},
+        )
+        with _Follower(progress, cb, out, spec.optim.epochs) as follower:
+            result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError(f"run {run_name} reported no checkpoint; nothing to export")
+        with result.checkpoint.as_directory() as d:
+            final_state = load_checkpoint(Path(d) / CHECKPOINT_FILE)
+        run = _export(spec, out, final_state, follower, run_id, f"{storage}/{run_name}", s)
+        run.seconds = time.perf_counter() - started
+        write_summary(out, spec, run.state.final, mlflow_run_id=run_id, storage=run.storage,
+                      checkpoint=result.checkpoint.path, model_uri=run.encoder.model_uri if run.encoder else None,
+                      registry_uri=run.encoder.registry_uri if run.encoder else None,
+                      model_version=run.encoder.version if run.encoder else None,
+                      restarts=run.restarts, epochs_redone=run.epochs_redone, seconds=run.seconds)
+        ok = True
+        return run
+    finally:
+        tracking.end_run(run_id, ok, settings=s)
+
+
+def _export(spec: PretrainSpec, out: Path, final_state: dict[str, Any], follower: _Follower, run_id: str,
+            storage: str, s: CoreSettings) -> RayRun:
+    """The run folder and the registered encoder, from the final checkpoint."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "spec.json").write_text(spec.model_dump_json(indent=2))
+    with (out / "metrics.jsonl").open("w") as fh:
+        for r in follower.records:
+            fh.write(json.dumps(r) + "\n")
+    backbone, _ = build_backbone(spec.model)
+    backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in final_state["query"].items()
+                              if k.startswith("backbone.")})
+    state = follower.state or RunState(out_dir=out, epochs=spec.optim.epochs, steps_per_epoch=0)
+    state.final = final_state.get("metrics", {})
+    save_encoder(out / "encoder.pt", backbone, spec.model,
+                 {"method": spec.method, "metrics": state.final, "data": spec.data.model_dump(mode="json")})
+    encoder = tracking.log_encoder(run_id, backbone, spec.model, spec.data, spec.register,
+                                   metrics=state.final, settings=s)
+    return RayRun(state=state, run_id=run_id, storage=storage, encoder=encoder, restarts=follower.restarts,
+                  epochs_redone=follower.redone, records=follower.records)

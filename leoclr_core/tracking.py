@@ -1,0 +1,284 @@
+"""MLflow: one run per job, its metrics and checkpoints, the final encoder and the registry.
+
+The MLflow contract (ARCHITECTURE.md): params = the flattened spec; metrics per step
+(`train/...`, x-axis = global step) and per epoch (`epoch/...`, `knn_top1`, `skipped_files`,
+x-axis = epoch); checkpoints as artifacts; the backbone logged with `mlflow.pytorch.log_model`
+(signature: float image batch in [0, 1] -> embedding) and registered with the spec's alias.
+Only rank 0 logs. Everything goes through an explicit `MlflowClient`, never the fluent API's
+global "active run", so that a Ray worker and its driver can log to the same run safely.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+
+from .model import ImageEncoder
+from .settings import CoreSettings, core_settings
+from .spec import DataSpec, ModelSpec, PretrainSpec, RegisterSpec, flatten
+from .train import Callbacks, RunState
+
+log = logging.getLogger(__name__)
+
+TAG_JOB = "leoclr.job"
+TAG_KIND = "leoclr.kind"
+TAG_STORAGE = "leoclr.storage"
+ENCODER_ARTIFACT = "encoder"
+
+
+def client(settings: CoreSettings | None = None) -> MlflowClient:
+    uri = (settings or core_settings()).tracking_uri
+    _prepare_local_store(uri)
+    mlflow.set_tracking_uri(uri)  # mlflow.pytorch.load_model and the registry read it
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _prepare_local_store(uri: str) -> None:
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+
+
+def ensure_experiment(c: MlflowClient, name: str, settings: CoreSettings | None = None) -> str:
+    """The experiment's id, created on first use. On a local store its artifacts go under the data
+    directory (MLflow's own default is ./mlruns of whatever folder the process started in)."""
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    s = settings or core_settings()
+    location = None
+    if s.tracking_uri.startswith("sqlite:"):
+        root = s.artifact_root / name
+        root.mkdir(parents=True, exist_ok=True)
+        location = root.as_uri()
+    try:
+        return c.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:  # created meanwhile by another process
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def _param_value(v: Any) -> str:
+    return str(v)[:6000]  # MLflow's limit on a param value
+
+
+def start_job_run(spec: PretrainSpec, storage: str, *, settings: CoreSettings | None = None,
+                  extra_tags: dict[str, str] | None = None) -> str:
+    """The MLflow run of a pretrain job: the unfinished run of the same job name and storage path
+    when the job resumes (so a resumed job continues its run), else a new one with the spec as params."""
+    c = client(settings)
+    exp = ensure_experiment(c, spec.name, settings)
+    if spec.checkpoint.resume:
+        found = c.search_runs(
+            [exp],
+            filter_string=f"tags.`{TAG_JOB}` = '{spec.name}' and tags.`{TAG_STORAGE}` = '{storage}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if found and found[0].info.status != RunStatus.to_string(RunStatus.FINISHED):
+            run_id = found[0].info.run_id
+            c.update_run(run_id, status="RUNNING")
+            return run_id
+    tags = {TAG_JOB: spec.name, TAG_KIND: spec.kind, TAG_STORAGE: storage, **(extra_tags or {})}
+    run = c.create_run(exp, run_name=spec.name, tags=tags)
+    params = [Param(k, _param_value(v)) for k, v in flatten(spec).items()]
+    for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+        c.log_batch(run.info.run_id, params=params[i:i + 100])
+    return run.info.run_id
+
+
+def end_run(run_id: str, ok: bool, settings: CoreSettings | None = None) -> None:
+    client(settings).set_terminated(run_id, "FINISHED" if ok else "FAILED")
+
+
+def run_url(run_id: str, settings: CoreSettings | None = None) -> str:
+    """A link for humans: the UI page on a tracking server, the run's id on a local store."""
+    s = settings or core_settings()
+    uri = s.tracking_uri
+    if uri.startswith(("http://", "https://")):
+        run = client(s).get_run(run_id)
+        return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    return f"runs:/{run_id}"
+
+
+def _metric_key(name: str) -> str:
+    return name.replace("%", "pct")
+
+
+def log_metrics(c: MlflowClient, run_id: str, values: dict[str, Any], step: int, prefix: str = "") -> None:
+    now = int(time.time() * 1000)
+    metrics = [Metric(_metric_key(f"{prefix}{k}"), float(v), now, int(step))
+               for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if metrics:
+        c.log_batch(run_id, metrics=metrics)
+
+
+class MlflowCallbacks(Callbacks):
+    """Streams a run's records into its MLflow run (used on rank 0, in-process or in a Ray worker)."""
+
+    STEP_KEYS = ("loss", "lr", "momentum", "instances_per_s")
+    EPOCH_SKIP = ("type", "epoch", "step")
+
+    def __init__(self, run_id: str, *, log_checkpoints: bool = True, settings: CoreSettings | None = None):
+        self.client, self.run_id, self.log_checkpoints = client(settings), run_id, log_checkpoints
+
+    def _safe(self, what: str, fn, *args) -> None:
+        # A tracking hiccup (a locked SQLite file, a restarting server) must not kill a training run.
+        try:
+            fn(*args)
+        except Exception as exc:  # noqa: BLE001 - logged and survived on purpose
+            log.warning("MLflow %s failed for run %s: %s", what, self.run_id, exc)
+
+    def on_log(self, record: dict[str, Any]) -> None:
+        values = {k: record[k] for k in self.STEP_KEYS if k in record}
+        self._safe("step metrics", log_metrics, self.client, self.run_id, values, record["step"], "train/")
+
+    def on_epoch(self, record: dict[str, Any], state: RunState) -> None:
+        values = {k: v for k, v in record.items() if k not in self.EPOCH_SKIP}
+        top = {k: values.pop(k) for k in list(values) if k.startswith(("knn", "linear")) or k == "skipped_files"}
+        self._safe("epoch metrics", log_metrics, self.client, self.run_id, values, record["epoch"], "epoch/")
+        self._safe("eval metrics", log_metrics, self.client, self.run_id, top, record["epoch"])
+
+    def on_checkpoint(self, path: Path, epoch: int) -> None:
+        if self.log_checkpoints:
+            self._safe("checkpoint upload", self.client.log_artifact, self.run_id, str(path), "checkpoints")
+
+
+@dataclass
+class RegisteredEncoder:
+    model_uri: str  # runs:/<run>/encoder or models:/<id>
+    name: str | None = None
+    version: str | None = None
+    alias: str | None = None
+
+    @property
+    def registry_uri(self) -> str | None:
+        return f"models:/{self.name}@{self.alias}" if self.name and self.alias else None
+
+
+def _code_path() -> str:
+    return str(Path(__file__).resolve().parent)
+
+
+def _requirements() -> list[str]:
+    import torchvision
+
+    return [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}",
+            "numpy", "pydantic>=2.6", "pyyaml"]
+
+
+def log_encoder(
+    run_id: str,
+    backbone: torch.nn.Module,
+    model: ModelSpec,
+    data: DataSpec,
+    register: RegisterSpec,
+    *,
+    metrics: dict[str, Any] | None = None,
+    settings: CoreSettings | None = None,
+) -> RegisteredEncoder:
+    """Log the backbone as an `ImageEncoder` (normalisation inside) and register it with the alias.
+
+    The model carries `leoclr_core` as code, so `mlflow.pytorch.load_model` works in a fresh
+    process that has torch, torchvision, pydantic and pyyaml but not this project.
+    """
+    c = client(settings)
+    encoder = ImageEncoder(backbone.cpu().eval(), data.mean, data.std, data.image_size).eval()
+    size = data.image_size
+    example = np.random.default_rng(0).random((2, 3, size, size), dtype=np.float32)
+    with torch.no_grad():
+        embedding = encoder(torch.from_numpy(example)).numpy()
+    signature = mlflow.models.infer_signature(example, embedding)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(
+            encoder,
+            name=ENCODER_ARTIFACT,
+            signature=signature,
+            input_example=example,
+            # pickle, not torch.export's pt2: users get a real module back (fine-tunable, any image
+            # size), and the code it needs travels with it.
+            serialization_format="pickle",
+            code_paths=[_code_path()],
+            pip_requirements=_requirements(),
+            metadata={"image_size": size, "mean": list(data.mean), "std": list(data.std),
+                      "backbone": model.backbone, "input": "float32 (N, 3, H, W) in [0, 1]"},
+            registered_model_name=register.model_name,
+        )
+    out = RegisteredEncoder(model_uri=f"runs:/{run_id}/{ENCODER_ARTIFACT}")
+    if register.model_name:
+        version = str(info.registered_model_version)
+        c.set_registered_model_alias(register.model_name, register.alias, version)
+        for k, v in (metrics or {}).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                c.set_model_version_tag(register.model_name, version, f"metric.{k}", str(v))
+        c.set_model_version_tag(register.model_name, version, "leoclr.run_id", run_id)
+        c.update_model_version(
+            register.model_name, version,
+            description=(f"LeOCLR {model.backbone} encoder. Load with mlflow.pytorch.load_model("
+                         f"'models:/{register.model_name}@{register.alias}'); input float32 (N, 3, {size}, {size}) "
+                         "in [0, 1], output backbone features."),
+        )
+        out = RegisteredEncoder(out.model_uri, register.model_name, version, register.alias)
+    return out
+
+
+def resolve_version(uri: str, settings: CoreSettings | None = None) -> tuple[str, str] | None:
+    """(name, version) of a `models:/name@alias` or `models:/name/version` URI; None for others."""
+    if not uri.startswith("models:/"):
+        return None
+    c = client(settings)
+    rest = uri.removeprefix("models:/")
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        mv = c.get_model_version_by_alias(name, alias)
+        return name, str(mv.version)
+    if "/" in rest:
+        name, version = rest.split("/", 1)
+        return name, version
+    return None
+
+
+def load_encoder(uri: str, settings: CoreSettings | None = None) -> ImageEncoder:
+    """An `ImageEncoder` from `models:/name@alias`, `models:/name/version` or `runs:/<id>/encoder`."""
+    client(settings)
+    try:
+        model = mlflow.pytorch.load_model(uri, map_location="cpu")
+    except mlflow.exceptions.MlflowException as exc:
+        raise ValueError(f"cannot load encoder {uri!r} from {(settings or core_settings()).tracking_uri}: "
+                         f"{exc.message}") from None
+    if not isinstance(model, ImageEncoder):
+        raise ValueError(f"{uri} is a {type(model).__name__}, not an encoder logged by leoclr")
+    return model.eval()
+
+
+def log_evaluation(spec_name: str, spec: Any, results: dict[str, Any], encoder_uri: str,
+                   settings: CoreSettings | None = None) -> str:
+    """An MLflow run for an evaluate job (params: its spec; metrics: its results); the model version
+    it evaluated, if any, is tagged with the results (`eval.<job>.<metric>`)."""
+    c = client(settings)
+    exp = ensure_experiment(c, spec_name, settings)
+    run = c.create_run(exp, run_name=spec_name, tags={TAG_JOB: spec_name, TAG_KIND: "evaluate",
+                                                       "leoclr.encoder": encoder_uri})
+    params = [Param(k, _param_value(v)) for k, v in flatten(spec).items()]
+    for i in range(0, len(params), 100):
+        c.log_batch(run.info.run_id, params=params[i:i + 100])
+    log_metrics(c, run.info.run_id, results, step=0)
+    version = resolve_version(encoder_uri, settings)
+    if version is not None:
+        name, v = version
+        for k, val in results.items():
+            if isinstance(val, (int, float)) and not isinstance(val, bool):
+                c.set_model_version_tag(name, v, f"eval.{spec_name}.{k}", str(val))
+    c.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
