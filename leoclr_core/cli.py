@@ -107,51 +107,116 @@ class LineCallbacks:
     def on_checkpoint(self, path: Path, epoch: int) -> None: ...
 
 
+LocalOption = typer.Option(
+    False, "--local", help="Run in this process without Ray or MLflow (outputs only in the run folder).")
+
+
+def _run_with_progress(total_epochs: int, fn):
+    """Call fn(callbacks) under a progress bar on a terminal, with one line per epoch elsewhere."""
+    if console.is_terminal or _force_progress():
+        with make_progress() as progress:
+            return fn(ProgressCallbacks(progress))
+    return fn(LineCallbacks())
+
+
+def _fail(exc: BaseException, code: int = 1) -> None:
+    console.print(f"[red]error:[/red] {exc}")
+    raise typer.Exit(code) from None
+
+
 @app.command()
 def pretrain(
     spec_path: Path = typer.Argument(..., help="A pretrain job spec (YAML or JSON)."),
     overrides: Optional[list[str]] = SetOption,
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder (default: runs/<name>)."),
-    device: Optional[str] = typer.Option(None, help="Torch device, e.g. cpu or cuda:0 (default: from the spec)."),
+    device: Optional[str] = typer.Option(None, help="Torch device for --local, e.g. cpu or cuda:0."),
+    local: bool = LocalOption,
 ) -> None:
-    """Pretrain an encoder with LeOCLR (or the MoCo-v2 baseline) in this process."""
-    from .train import pretrain as run
+    """Pretrain an encoder with LeOCLR (or the MoCo-v2 baseline).
 
+    On Ray: the cluster at RAY_ADDRESS, or a local Ray started for this run and stopped after;
+    tracked in MLflow (MLFLOW_TRACKING_URI, default SQLite under LEOCLR_DATA_DIR) and, with a
+    `register` section, registered as models:/<model_name>@<alias>.
+    """
     spec: PretrainSpec = _load(spec_path, overrides, "pretrain")
     out = output or spec.out_dir
+    where = "in this process" if local else f"on Ray, {spec.scaling.num_workers} worker(s)"
     console.print(f"[bold]{spec.name}[/bold]: {spec.method} on {spec.data.source}, backbone {spec.model.backbone}, "
-                  f"{spec.optim.epochs} epochs -> {out}")
-    try:
-        if console.is_terminal or _force_progress():
-            with make_progress() as progress:
-                state = run(spec, device=device, callbacks=ProgressCallbacks(progress), out_dir=out)
-        else:
-            state = run(spec, device=device, callbacks=LineCallbacks(), out_dir=out)
-    except (ValueError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from None
-    final = state.final
+                  f"{spec.optim.epochs} epochs, {where} -> {out}")
+    extra: dict[str, Any] = {}
+    if local:
+        from .train import pretrain as run
+
+        try:
+            state = _run_with_progress(spec.optim.epochs, lambda cb: run(spec, device=device, callbacks=cb, out_dir=out))
+        except (ValueError, FileNotFoundError) as exc:
+            _fail(exc)
+        final = state.final
+    else:
+        final, extra = _pretrain_on_ray(spec, out)
     knn = f"{final['knn_top1']:.2f}%" if "knn_top1" in final else "n/a (no labelled test split)"
     console.print(f"final k-NN top-1 (offline, k={spec.eval.knn_k}, backbone features): [bold]{knn}[/bold]")
     console.print(f"encoder: {out / 'encoder.pt'}   metrics: {out / 'metrics.jsonl'}")
-    typer.echo(json.dumps({"name": spec.name, "out_dir": str(out), **{k: v for k, v in final.items() if k != 'type'}}))
+    if extra.get("registry_uri"):
+        console.print(f"registered: [bold]{extra['registry_uri']}[/bold] (version {extra['model_version']}); "
+                      f"load with mlflow.pytorch.load_model(\"{extra['registry_uri']}\")")
+    typer.echo(json.dumps({"name": spec.name, "out_dir": str(out), **extra,
+                           **{k: v for k, v in final.items() if k != 'type'}}))
+
+
+def _pretrain_on_ray(spec: PretrainSpec, out: Path) -> tuple[dict, dict]:
+    from .distributed.pretrain import cluster_cpus_needed, run_pretrain
+    from .distributed.session import ray_session
+
+    terminal = console.is_terminal or _force_progress()
+    try:
+        with ray_session(cluster_cpus_needed(spec), log_to_driver=not terminal) as address:
+            console.print(f"Ray: {address}")
+            run = _run_with_progress(spec.optim.epochs, lambda cb: run_pretrain(spec, callbacks=cb, out_dir=out))
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+    except Exception as exc:  # noqa: BLE001 - Ray's errors carry the worker's traceback; say it, exit non-zero
+        _fail(f"{type(exc).__name__}: {exc}")
+    enc = run.encoder
+    extra = {"mlflow_run_id": run.run_id, "storage": run.storage, "restarts": run.restarts,
+             "epochs_redone": run.epochs_redone, "seconds": round(run.seconds, 1),
+             "model_uri": enc.model_uri if enc else None, "registry_uri": enc.registry_uri if enc else None,
+             "model_version": enc.version if enc else None}
+    console.print(f"MLflow run {run.run_id}; checkpoints in {run.storage}; {run.seconds:.0f} s"
+                  + (f"; survived {run.restarts} restart(s), {run.epochs_redone} epoch(s) redone" if run.restarts else ""))
+    return run.state.final, extra
 
 
 @app.command()
 def evaluate(
     spec_path: Path = typer.Argument(..., help="An evaluate job spec (YAML or JSON)."),
     overrides: Optional[list[str]] = SetOption,
-    device: Optional[str] = typer.Option(None, help="Torch device (default: cuda if the spec uses GPUs)."),
+    device: Optional[str] = typer.Option(None, help="Torch device for --local (default: cuda if the spec uses GPUs)."),
+    local: bool = LocalOption,
 ) -> None:
-    """Evaluate a frozen encoder: k-NN and/or a linear probe on a labelled data source."""
-    from .run_eval import evaluate_job
-
+    """Evaluate a frozen encoder (registry URI, run URI or checkpoint): k-NN, linear probe or transfer."""
     spec: EvaluateSpec = _load(spec_path, overrides, "evaluate")
     try:
-        result = evaluate_job(spec, device=device)
+        if local:
+            from .run_eval import evaluate_job
+
+            encoder = None
+            if spec.encoder.model_uri:
+                from .tracking import load_encoder
+
+                encoder = load_encoder(spec.encoder.model_uri)
+            result = evaluate_job(spec, device=device, encoder=encoder)
+        else:
+            from .distributed.evaluate import run_evaluate
+            from .distributed.session import ray_session
+
+            with ray_session(spec.scaling.cpus_per_worker):
+                result = run_evaluate(spec)
     except (ValueError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from None
+        _fail(exc)
+    except Exception as exc:  # noqa: BLE001 - a Ray task error wraps the real one; say it, exit non-zero
+        cause = getattr(exc, "cause", None)
+        _fail(cause if isinstance(cause, (ValueError, FileNotFoundError)) else f"{type(exc).__name__}: {exc}")
     table = Table("protocol", "top-1 %")
     for k, v in result.items():
         if isinstance(v, float):

@@ -151,8 +151,11 @@ class MlflowCallbacks(Callbacks):
         self._safe("eval metrics", log_metrics, self.client, self.run_id, top, record["epoch"])
 
     def on_checkpoint(self, path: Path, epoch: int) -> None:
+        """The newest checkpoint, overwritten in place: the run's artifacts stay the size of one
+        checkpoint (Ray Train's storage keeps `checkpoint.keep` of them)."""
         if self.log_checkpoints:
-            self._safe("checkpoint upload", self.client.log_artifact, self.run_id, str(path), "checkpoints")
+            self._safe("checkpoint upload", self.client.log_artifact, self.run_id, str(path), "checkpoints/latest")
+            self._safe("checkpoint tag", self.client.set_tag, self.run_id, "leoclr.checkpoint_epoch", str(epoch))
 
 
 @dataclass

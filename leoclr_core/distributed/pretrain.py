@@ -28,7 +28,7 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from .. import tracking
+from .. import dist, tracking
 from ..checkpoint import atomic_save, load_checkpoint
 from ..engine import Runtime
 from ..methods import MomentumMethod
@@ -133,6 +133,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     settings = CoreSettings(data_dir=config["data_dir"], mlflow_tracking_uri=config["tracking_uri"])
     rank = ray.train.get_context().get_world_rank()
     torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
+    nodes = [ray.get_runtime_context().get_node_id()]
+    if dist.is_distributed():  # the process group is Ray Train's, set up before this function runs
+        gathered: list[Any] = [None] * dist.world_size()
+        torch.distributed.all_gather_object(gathered, nodes[0])
+        nodes = gathered
+    if rank == 0:
+        config["progress"].push.remote({"type": "placement", "nodes": nodes})
     callbacks: list[Callbacks] = []
     on_saved = None
     if rank == 0:
@@ -161,6 +168,7 @@ class RayRun:
     epochs_redone: int = 0
     seconds: float = 0.0
     records: list[dict[str, Any]] = field(default_factory=list)
+    worker_nodes: list[str] = field(default_factory=list)  # node id of each worker, by rank
 
 
 class _Follower:
@@ -171,12 +179,16 @@ class _Follower:
         self.actor, self.cb, self.out = actor, callbacks, out
         self.index, self.records, self.restarts, self.redone = 0, [], 0, 0
         self.state: RunState | None = None
+        self.nodes: list[str] = []  # node id of each worker, by rank
         self.last_epoch = 0
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="leoclr-progress", daemon=True)
         self.epochs = epochs
 
     def _handle(self, r: dict[str, Any]) -> None:
+        if r["type"] == "placement":
+            self.nodes = r["nodes"]
+            return
         if r["type"] == "start":
             if self.state is None:
                 self.state = RunState(out_dir=self.out, epochs=r["epochs"], steps_per_epoch=r["steps_per_epoch"],
@@ -291,7 +303,8 @@ def run_pretrain(
                       checkpoint=result.checkpoint.path, model_uri=run.encoder.model_uri if run.encoder else None,
                       registry_uri=run.encoder.registry_uri if run.encoder else None,
                       model_version=run.encoder.version if run.encoder else None,
-                      restarts=run.restarts, epochs_redone=run.epochs_redone, seconds=run.seconds)
+                      restarts=run.restarts, epochs_redone=run.epochs_redone, seconds=run.seconds,
+                      worker_nodes=run.worker_nodes)
         ok = True
         return run
     finally:
@@ -316,4 +329,4 @@ def _export(spec: PretrainSpec, out: Path, final_state: dict[str, Any], follower
     encoder = tracking.log_encoder(run_id, backbone, spec.model, spec.data, spec.register,
                                    metrics=state.final, settings=s)
     return RayRun(state=state, run_id=run_id, storage=storage, encoder=encoder, restarts=follower.restarts,
-                  epochs_redone=follower.redone, records=follower.records)
+                  epochs_redone=follower.redone, records=follower.records, worker_nodes=follower.nodes)

@@ -14,8 +14,8 @@ TINY = [
 ]
 
 
-def test_pretrain_runs_the_demo_config_and_reports_knn(tmp_path):
-    result = runner.invoke(app, ["pretrain", "configs/demo.yaml", "-o", str(tmp_path), *TINY])
+def test_pretrain_local_runs_the_demo_config_and_reports_knn(tmp_path):
+    result = runner.invoke(app, ["pretrain", "configs/demo.yaml", "--local", "-o", str(tmp_path), *TINY])
     assert result.exit_code == 0, result.output
     assert "final k-NN top-1" in result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
@@ -35,7 +35,8 @@ def test_pretrain_refuses_an_evaluate_spec():
 
 
 def test_evaluate_reports_a_missing_encoder_cleanly(tmp_path):
-    result = runner.invoke(app, ["evaluate", "configs/evaluate-demo.yaml", "--set", f"encoder.checkpoint={tmp_path}/x"])
+    result = runner.invoke(app, ["evaluate", "configs/evaluate-demo.yaml", "--local",
+                                 "--set", f"encoder.checkpoint={tmp_path}/x"])
     assert result.exit_code == 1 and "does not exist" in result.output
 
 

@@ -1,0 +1,44 @@
+"""Integration tier: real Ray (one cluster per module), real MLflow on SQLite, tiny models."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "token")  # before Ray is imported
+
+
+def tiny_spec(name: str, tmp_path, **sections: Any) -> dict[str, Any]:
+    """A pretrain spec that trains in seconds per epoch on 2 CPU cores."""
+    spec: dict[str, Any] = {
+        "kind": "pretrain", "name": name, "method": "leoclr",
+        "data": {"num_images": 512, "num_test_images": 128, "image_size": 16,
+                 "synthetic": {"source_size": 32, "object_size": [13, 19], "chroma": 0.25, "clutter": 6}},
+        "model": {"backbone": "tiny", "width": 8, "proj_hidden_dim": 64, "proj_dim": 32},
+        "loss": {"queue_size": 128},
+        "augment": {"batched": True},
+        "optim": {"epochs": 2, "batch_size": 64},
+        "scaling": {"num_workers": 2, "log_every": 2},
+        "eval": {"knn_every": 0, "knn_k": 20},
+        "checkpoint": {"every": 1, "keep": 2},
+        "register": {"model_name": f"{name}-encoder", "alias": "candidate"},
+        "output_dir": str(tmp_path / "runs" / name),
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            spec[key] = {**spec.get(key, {}), **value}
+        else:
+            spec[key] = value
+    return spec
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray for the whole module (starting one costs seconds; a Train run about 40 s)."""
+    import ray
+
+    ctx = ray.init(num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    yield ctx.address_info["address"]
+    ray.shutdown()

@@ -1,0 +1,166 @@
+"""A pretrain job on Ray Train + Ray Data, tracked in MLflow, its encoder registered and pulled back;
+then an evaluate job on Ray from the registry; then a worker killed in the middle of a run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from leoclr_core.cli import app
+from leoclr_core.settings import core_settings
+
+from .conftest import tiny_spec
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+runner = CliRunner()
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _write(tmp_path: Path, spec: dict) -> Path:
+    path = tmp_path / f"{spec['name']}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _mlflow():
+    from leoclr_core import tracking
+
+    return tracking.client()
+
+
+@pytest.fixture(scope="module")
+def finished_run(ray_cluster, tmp_path_factory):
+    """One 2-worker run through `leoclr pretrain` (the CLI's Ray path), shared by the checks below."""
+    tmp = tmp_path_factory.mktemp("pretrain")
+    spec = tiny_spec("ray-demo", tmp, optim={"epochs": 3})
+    result = runner.invoke(app, ["pretrain", str(_write(tmp, spec))])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    return spec, summary, Path(spec["output_dir"])
+
+
+def test_two_workers_train_all_epochs_and_write_the_run_folder(finished_run):
+    spec, summary, out = finished_run
+    assert summary["epoch"] == 3 and 0 <= summary["knn_top1"] <= 100
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in epochs if r["type"] == "epoch"] == [1, 2, 3]
+    # 512 images, batch 64 split over 2 workers: 8 steps an epoch, logged every 2 steps
+    assert [r["step"] for r in epochs if r["type"] == "step"][:4] == [2, 4, 6, 8]
+    saved = json.loads((out / "summary.json").read_text())
+    assert len(saved["worker_nodes"]) == 2 and saved["restarts"] == 0
+    assert (out / "encoder.pt").is_file()
+
+
+def test_ray_train_keeps_the_newest_checkpoints(finished_run):
+    _, summary, _ = finished_run
+    kept = sorted(p.name for p in Path(summary["storage"]).iterdir() if p.name.startswith("epoch-"))
+    assert kept == ["epoch-0002", "epoch-0003"]  # checkpoint.keep = 2
+
+
+def test_mlflow_run_has_params_step_and_epoch_metrics_and_checkpoints(finished_run):
+    spec, summary, _ = finished_run
+    c = _mlflow()
+    run = c.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["loss.temperature"] == "0.2" and run.data.params["scaling.num_workers"] == "2"
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "epoch/loss")] == [1, 2, 3]
+    assert len(c.get_metric_history(run.info.run_id, "train/loss")) == 12  # 24 steps / log_every 2
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "knn_top1")] == [3]
+    assert c.get_metric_history(run.info.run_id, "skipped_files")[-1].value == 0
+    names = [a.path for a in c.list_artifacts(run.info.run_id, "checkpoints/latest")]
+    assert names == ["checkpoints/latest/checkpoint.pt"] and run.data.tags["leoclr.checkpoint_epoch"] == "3"
+
+
+def test_registered_encoder_loads_in_a_fresh_process_and_embeds(finished_run):
+    spec, summary, _ = finished_run
+    name = spec["register"]["model_name"]
+    assert summary["registry_uri"] == f"models:/{name}@candidate"
+    version = _mlflow().get_model_version_by_alias(name, "candidate")
+    assert version.tags["leoclr.run_id"] == summary["mlflow_run_id"]
+    code = (
+        "import mlflow, torch\n"
+        f"m = mlflow.pytorch.load_model('models:/{name}@candidate')\n"
+        "e = m(torch.rand(5, 3, 16, 16))\n"
+        "print(type(m).__name__, tuple(e.shape), bool(torch.isfinite(e).all()))\n"
+    )
+    env = {**os.environ, "MLFLOW_TRACKING_URI": core_settings().tracking_uri}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd="/", capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "ImageEncoder (5, 64) True"
+
+
+def test_evaluate_job_on_ray_from_the_registry_tags_the_model_version(finished_run, tmp_path):
+    spec, summary, _ = finished_run
+    name = spec["register"]["model_name"]
+    evaluate = {
+        "kind": "evaluate", "name": "eval-ray-demo", "encoder": {"model_uri": f"models:/{name}@candidate"},
+        "data": {**spec["data"], "seed": 1}, "protocol": "both",
+        "eval": {"knn_k": 20, "probe_epochs": 5}, "output_dir": str(tmp_path / "eval"),
+    }
+    result = runner.invoke(app, ["evaluate", str(_write(tmp_path, evaluate))])
+    assert result.exit_code == 0, result.output
+    res = json.loads(result.stdout.strip().splitlines()[-1])
+    assert 0 <= res["knn_top1"] <= 100 and 0 <= res["linear_top1"] <= 100
+    c = _mlflow()
+    assert c.get_run(res["mlflow_run_id"]).data.metrics["knn_top1"] == pytest.approx(res["knn_top1"])
+    version = c.get_model_version_by_alias(name, "candidate")
+    assert float(version.tags["eval.eval-ray-demo.knn_top1"]) == pytest.approx(res["knn_top1"])
+
+
+def test_evaluate_names_an_unknown_registered_model(ray_cluster, tmp_path):
+    evaluate = {"kind": "evaluate", "name": "eval-missing", "encoder": {"model_uri": "models:/no-such-model@x"},
+                "data": {"num_images": 64, "num_test_images": 32}}
+    result = runner.invoke(app, ["evaluate", str(_write(tmp_path, evaluate))])
+    assert result.exit_code == 1
+    assert "no-such-model" in result.output
+
+
+def _train_worker_pids() -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if cmd.startswith(b"ray::RayTrainWorker"):
+                pids.append(int(proc.name))
+    return pids
+
+
+def test_a_killed_worker_does_not_lose_the_run(ray_cluster, tmp_path):
+    """SIGKILL one training worker after its second checkpoint: the worker group restarts from the
+    newest checkpoint and the run ends with every epoch, each recorded once."""
+    spec = tiny_spec("ray-kill", tmp_path, optim={"epochs": 6}, checkpoint={"every": 1, "keep": 2, "max_failures": 2})
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster, "LEOCLR_PROGRESS": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "leoclr_core.cli", "pretrain", str(_write(tmp_path, spec))],
+                            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    storage = Path(core_settings().ray_storage) / "ray-kill"
+    deadline = time.monotonic() + 300
+    while not (storage / "epoch-0002").exists():
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "no second checkpoint within 300 s"
+        time.sleep(0.5)
+    victims = _train_worker_pids()
+    assert victims, "no RayTrainWorker process found"
+    os.kill(victims[-1], signal.SIGKILL)
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-3000:]
+    summary = json.loads(output.strip().splitlines()[-1])
+    assert summary["epoch"] == 6 and summary["restarts"] >= 1
+    assert summary["epochs_redone"] <= 1  # at most the epoch that was running when the worker died
+    out = Path(spec["output_dir"])
+    epochs = [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()
+              if json.loads(x)["type"] == "epoch"]
+    assert epochs == [1, 2, 3, 4, 5, 6]
+    history = _mlflow().get_metric_history(summary["mlflow_run_id"], "epoch/loss")
+    assert {m.step for m in history} == {1, 2, 3, 4, 5, 6}
