@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 import ray
 
@@ -25,6 +25,11 @@ def prepare_environment() -> None:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 
+def connect(address: str, log_to_driver: bool = True) -> Any:
+    """`ray.init` on an existing cluster (see this package's __init__ for loopback addresses)."""
+    return ray.init(address=address, log_to_driver=log_to_driver)
+
+
 @contextmanager
 def ray_session(num_cpus: float | None = None, settings: CoreSettings | None = None,
                 log_to_driver: bool = True) -> Iterator[str]:
@@ -35,7 +40,7 @@ def ray_session(num_cpus: float | None = None, settings: CoreSettings | None = N
         return
     s = settings or core_settings()
     if s.ray_address:
-        ctx = ray.init(address=s.ray_address, log_to_driver=log_to_driver)
+        ctx = connect(s.ray_address, log_to_driver=log_to_driver)
     else:
         cpus = max(os.cpu_count() or 1, int(-(-(num_cpus or 0) // 1)))
         ctx = ray.init(num_cpus=cpus, _node_ip_address="127.0.0.1", include_dashboard=False,

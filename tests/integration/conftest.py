@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-os.environ.setdefault("RAY_AUTH_MODE", "token")  # before Ray is imported
+import leoclr_core.distributed  # noqa: E402,F401 - sets Ray's environment before Ray is imported
 
 
 def tiny_spec(name: str, tmp_path, **sections: Any) -> dict[str, Any]:
