@@ -196,6 +196,9 @@ class ScalingSpec(_Section):
     # and how the training workers are placed (STRICT_SPREAD: one worker per node).
     data_workers: Annotated[int, Field(ge=1, le=1024)] = 1
     data_cpus_per_worker: Annotated[float, Field(gt=0)] = 1.0
+    # tasks: Ray's pooled worker processes (warm across epochs); actors: a map_batches actor pool,
+    # which Ray Data starts afresh every epoch (a process start and a torch import each time).
+    data_compute: Literal["tasks", "actors"] = "tasks"
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 

@@ -362,8 +362,9 @@ def pretrain(
                 _append_jsonl(metrics_path, record)
             cb.on_log(record)
 
+        waited = [0.0]
         result = train_epoch(
-            method, optimizer, scheduler, data.epoch(epoch), runtime,
+            method, optimizer, scheduler, _timed(data.epoch(epoch), waited), runtime,
             global_step=global_step, total_steps=total_steps, momentum_base=spec.loss.momentum,
             momentum_schedule=spec.loss.momentum_schedule, log_every=spec.scaling.log_every, on_log=on_log,
         )
@@ -372,7 +373,7 @@ def pretrain(
         record: dict[str, Any] = {
             "type": "epoch", "epoch": done, "step": global_step, "loss": result.loss, "lr": result.last_lr,
             "momentum": result.last_momentum, "instances_per_s": result.instances_per_s,
-            "epoch_seconds": result.seconds, "skipped_files": data.skipped,
+            "epoch_seconds": result.seconds, "input_seconds": waited[0], "skipped_files": data.skipped,
         }
         if main and ((every and done % every == 0) or done == last):
             # Rank 0 only: the other workers wait at the next collective (or the report barrier).
@@ -400,6 +401,20 @@ def pretrain(
                      {"method": spec.method, "metrics": state.final, "data": spec.data.model_dump(mode="json")})
         write_summary(out, spec, state.final)
     return state
+
+
+def _timed(batches: Iterator[tuple[torch.Tensor, ...]], waited: list[float]) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Adds to waited[0] the time the training loop spends waiting for each batch (reading,
+    augmenting, streaming): the part of an epoch that is input, not compute."""
+    it = iter(batches)
+    while True:
+        start = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        waited[0] += time.perf_counter() - start
+        yield batch
 
 
 def write_summary(out: Path, spec: PretrainSpec, final: dict[str, Any], **extra: Any) -> Path:

@@ -5,8 +5,9 @@ Pipeline of a pretrain job (built on the driver, executed afresh every epoch):
     in-memory source (synthetic, CIFAR)      -> from_numpy, in blocks
     image files (local folder or s3://, gs://)  -> read_binary_files -> decode (tasks)
       -> randomize_block_order
-      -> views: a `map_batches` actor pool of `scaling.data_workers` actors on CPU, or nothing when
-         the training workers augment on their own GPU (`augment.device` gpu, or auto with GPUs)
+      -> views: `map_batches` on CPU, at most `scaling.data_workers` at a time, as tasks (default) or
+         an actor pool (`scaling.data_compute`), or nothing when the training workers augment on
+         their own GPU (`augment.device` gpu, or auto with GPUs)
       -> streaming_split(num_workers, equal=True) -> `get_dataset_shard` in each worker
 
 Ray Data's streaming executor holds back upstream operators when downstream ones fall behind,
@@ -18,6 +19,7 @@ in every epoch counts once); the count is the `skipped_files` metric.
 from __future__ import annotations
 
 import io
+import json
 import logging
 from pathlib import Path
 from typing import Any, Iterator
@@ -127,6 +129,18 @@ class MakeViews:
         return {f"view{k}": v.to(torch.float16).numpy() for k, v in enumerate(views)}
 
 
+_MAKERS: dict[str, MakeViews] = {}
+
+
+def make_views(batch: dict[str, np.ndarray], spec_json: dict[str, Any], threads: int = 1) -> dict[str, np.ndarray]:
+    """MakeViews as a task: one maker per spec, kept by the (reused) worker process."""
+    key = json.dumps(spec_json, sort_keys=True)
+    if key not in _MAKERS:
+        _MAKERS.clear()
+        _MAKERS[key] = MakeViews(spec_json, threads)
+    return _MAKERS[key](batch)
+
+
 def build_dataset(spec: PretrainSpec, counter: Any | None = None) -> tuple[ray.data.Dataset, int]:
     """The training stream of `spec` and the number of images it holds (before unreadable ones)."""
     d = spec.data
@@ -151,13 +165,14 @@ def build_dataset(spec: PretrainSpec, counter: Any | None = None) -> tuple[ray.d
     ds = ds.randomize_block_order()
     if not augment_on_worker(spec):
         s = spec.scaling
-        ds = ds.map_batches(
-            MakeViews,
-            fn_constructor_kwargs={"spec_json": spec.model_dump(mode="json"), "threads": int(s.data_cpus_per_worker)},
-            compute=ray.data.ActorPoolStrategy(size=s.data_workers),
-            num_cpus=s.data_cpus_per_worker,
-            batch_size=max(32, spec.optim.batch_size // s.num_workers),
-        )
+        args = {"spec_json": spec.model_dump(mode="json"), "threads": int(s.data_cpus_per_worker)}
+        common = {"num_cpus": s.data_cpus_per_worker, "batch_size": max(32, spec.optim.batch_size // s.num_workers)}
+        if s.data_compute == "actors":
+            ds = ds.map_batches(MakeViews, fn_constructor_kwargs=args,
+                                compute=ray.data.ActorPoolStrategy(size=s.data_workers), **common)
+        else:
+            ds = ds.map_batches(make_views, fn_kwargs=args, compute=ray.data.TaskPoolStrategy(size=s.data_workers),
+                                **common)
     return ds, n
 
 

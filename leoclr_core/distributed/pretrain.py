@@ -262,7 +262,8 @@ def run_pretrain(
     out = Path(out_dir) if out_dir else spec.out_dir
     started = time.perf_counter()
     storage = spec.checkpoint.storage_path or s.ray_storage
-    if "://" not in storage:
+    if "://" not in storage:  # Ray Train wants an absolute path or a URI
+        storage = str(Path(storage).expanduser().resolve())
         Path(storage).mkdir(parents=True, exist_ok=True)
     # Ray Train v2 resumes a run re-run under the same name and storage; resume: false gets a fresh name.
     run_name = spec.name if spec.checkpoint.resume else f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
