@@ -1,0 +1,82 @@
+"""The MLflow layer on a real SQLite store, without Ray: runs found again on resume, metrics,
+the logged encoder and the registry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from leoclr_core import tracking
+from leoclr_core.model import build_backbone
+from leoclr_core.settings import CoreSettings
+from leoclr_core.spec import parse_spec
+from leoclr_core.train import RunState
+
+from .conftest import tiny_spec
+
+
+@pytest.fixture()
+def settings(tmp_path):
+    return CoreSettings(data_dir=tmp_path / "data")
+
+
+def test_a_resumed_job_continues_its_unfinished_run_and_a_finished_one_starts_anew(settings, tmp_path):
+    spec = parse_spec(tiny_spec("resume-me", tmp_path))
+    first = tracking.start_job_run(spec, "/storage/resume-me", settings=settings)
+    run = tracking.client(settings).get_run(first)
+    assert run.data.params["optim.batch_size"] == "64" and run.data.tags[tracking.TAG_JOB] == "resume-me"
+    # the driver died: the run is still RUNNING, and the same job on the same storage finds it
+    assert tracking.start_job_run(spec, "/storage/resume-me", settings=settings) == first
+    # another storage path is another job's run
+    assert tracking.start_job_run(spec, "/elsewhere/resume-me", settings=settings) != first
+    tracking.end_run(first, ok=True, settings=settings)
+    assert tracking.start_job_run(spec, "/storage/resume-me", settings=settings) != first
+
+
+def test_resume_false_always_starts_a_new_run(settings, tmp_path):
+    spec = parse_spec(tiny_spec("fresh", tmp_path, checkpoint={"resume": False}))
+    a = tracking.start_job_run(spec, "/s/fresh", settings=settings)
+    assert tracking.start_job_run(spec, "/s/fresh", settings=settings) != a
+
+
+def test_callbacks_log_step_and_epoch_metrics_and_survive_a_broken_store(settings, tmp_path):
+    spec = parse_spec(tiny_spec("metrics", tmp_path))
+    run_id = tracking.start_job_run(spec, "/s/metrics", settings=settings)
+    cb = tracking.MlflowCallbacks(run_id, settings=settings)
+    cb.on_log({"type": "step", "epoch": 1, "step": 10, "loss": 5.0, "lr": 0.06, "momentum": 0.99,
+               "instances_per_s": 100.0})
+    state = RunState(out_dir=tmp_path, epochs=1, steps_per_epoch=10)
+    cb.on_epoch({"type": "epoch", "epoch": 1, "step": 10, "loss": 4.5, "knn_top1": 31.0, "skipped_files": 2}, state)
+    c = tracking.client(settings)
+    assert [(m.step, m.value) for m in c.get_metric_history(run_id, "train/loss")] == [(10, 5.0)]
+    assert [(m.step, m.value) for m in c.get_metric_history(run_id, "epoch/loss")] == [(1, 4.5)]
+    assert c.get_metric_history(run_id, "knn_top1")[0].value == 31.0
+    assert c.get_metric_history(run_id, "skipped_files")[0].value == 2
+    cb.run_id = "no-such-run"  # a tracking failure is logged, never raised into the training loop
+    cb.on_log({"type": "step", "epoch": 1, "step": 20, "loss": 4.0})
+
+
+def test_logged_encoder_round_trips_through_the_registry(settings, tmp_path):
+    spec = parse_spec(tiny_spec("roundtrip", tmp_path))
+    run_id = tracking.start_job_run(spec, "/s/roundtrip", settings=settings)
+    backbone, _ = build_backbone(spec.model)
+    reg = tracking.log_encoder(run_id, backbone, spec.model, spec.data, spec.register,
+                               metrics={"knn_top1": 40.0}, settings=settings)
+    assert reg.registry_uri == "models:/roundtrip-encoder@candidate" and reg.version == "1"
+    loaded = tracking.load_encoder(reg.registry_uri, settings)
+    x = torch.rand(3, 3, 16, 16)
+    mean = torch.tensor(spec.data.mean).view(1, 3, 1, 1)
+    std = torch.tensor(spec.data.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), backbone.eval()((x - mean) / std), atol=1e-5)
+    version = tracking.client(settings).get_model_version("roundtrip-encoder", "1")
+    assert version.tags["metric.knn_top1"] == "40.0"
+    assert tracking.resolve_version(reg.registry_uri, settings) == ("roundtrip-encoder", "1")
+    # a second registration moves the alias to the new version
+    reg2 = tracking.log_encoder(run_id, backbone, spec.model, spec.data, spec.register, settings=settings)
+    assert reg2.version == "2" and tracking.resolve_version(reg.registry_uri, settings) == ("roundtrip-encoder", "2")
+
+
+def test_loading_an_unknown_model_names_it(settings):
+    with pytest.raises(ValueError, match="models:/nothing-here@candidate"):
+        tracking.load_encoder("models:/nothing-here@candidate", settings)
