@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test experiment bench clean
+.PHONY: install run test experiment bench bench-ray clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The main job on embedded defaults: a local LeOCLR pretraining on the built-in synthetic data.
+# The main job on embedded defaults: LeOCLR pretraining on the built-in synthetic data, on a local
+# Ray, tracked and registered in MLflow under ~/.leoclr (LEOCLR_DATA_DIR).
 run: $(STAMP)
 	$(VENV)/bin/leoclr pretrain configs/demo.yaml
 
@@ -25,6 +26,10 @@ experiment: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m leoclr_core.bench
+
+# The Ray path against the in-process engine, same config, side by side.
+bench-ray: $(STAMP)
+	$(PY) -m leoclr_core.distributed.bench --epochs 3 --set data.num_images=4096
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

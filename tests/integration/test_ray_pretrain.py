@@ -156,6 +156,8 @@ def test_a_killed_worker_does_not_lose_the_run(ray_cluster, tmp_path):
     output, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, output[-3000:]
     summary = json.loads(output.strip().splitlines()[-1])
+    print(f"\nkilled-worker run: {summary['restarts']} restart(s), {summary['epochs_redone']} finished epoch(s) "
+          f"redone, {summary['seconds']} s for 6 epochs")
     assert summary["epoch"] == 6 and summary["restarts"] >= 1
     assert summary["epochs_redone"] <= 1  # at most the epoch that was running when the worker died
     out = Path(spec["output_dir"])
