@@ -179,7 +179,7 @@ def _pretrain_on_ray(spec: PretrainSpec, out: Path) -> tuple[dict, dict]:
         _fail(f"{type(exc).__name__}: {exc}")
     enc = run.encoder
     extra = {"mlflow_run_id": run.run_id, "storage": run.storage, "restarts": run.restarts,
-             "epochs_redone": run.epochs_redone, "seconds": round(run.seconds, 1),
+             "epochs_redone": run.epochs_redone, "resumed_from": run.resumed_from, "seconds": round(run.seconds, 1),
              "model_uri": enc.model_uri if enc else None, "registry_uri": enc.registry_uri if enc else None,
              "model_version": enc.version if enc else None}
     console.print(f"MLflow run {run.run_id}; checkpoints in {run.storage}; {run.seconds:.0f} s"

@@ -27,7 +27,7 @@ from pydantic import (
 # Names the method layer registers (leoclr_core/model.py checks it matches this tuple).
 BACKBONES = ("tiny", "resnet18", "resnet34", "resnet50")
 METHODS = ("leoclr", "mocov2")
-DATA_SOURCES = ("synthetic-objects", "cifar10", "imagefolder")
+DATA_SOURCES = ("synthetic-objects", "cifar10", "imagefolder", "parquet")
 
 
 class SpecError(ValueError):
@@ -74,8 +74,10 @@ class SyntheticSpec(_Section):
 
 
 class DataSpec(_Section):
-    source: Literal["synthetic-objects", "cifar10", "imagefolder"] = "synthetic-objects"
-    path: str | None = None
+    source: Literal["synthetic-objects", "cifar10", "imagefolder", "parquet"] = "synthetic-objects"
+    path: str | None = None  # a local path; on Ray, image folders and Parquet may be s3:// or gs:// URIs
+    image_column: str = "image"  # parquet: the column of encoded image bytes
+    label_column: str | None = "label"  # parquet: the label column (absent or null: unlabelled)
     num_images: PositiveInt | None = 5000
     num_test_images: Annotated[int, Field(ge=0)] = 1000
     image_size: Annotated[int, Field(ge=8, le=1024)] = 32

@@ -200,11 +200,23 @@ def _epoch_records(path: Path) -> list[dict[str, Any]]:
     return [r for r in records if r.get("type") == "epoch"]
 
 
+def has_test_split(data: DataSpec) -> bool:
+    """Whether this process can build a labelled test split for k-NN: none for an object-store URI
+    (readable on Ray only), for a Parquet source that is not pre-split, or with num_test_images 0."""
+    if data.num_test_images == 0 or (data.path and "://" in data.path):
+        return False
+    if data.source == "parquet":
+        from .data.parquet import parquet_split_paths
+
+        return parquet_split_paths(data.path)[1] is not None  # type: ignore[arg-type]
+    return True
+
+
 def run_knn(
-    backbone: nn.Module, spec: PretrainSpec, runtime: Runtime, train_set: ImageSource, test_set: ImageSource | None,
-    linear: bool = False,
+    backbone: nn.Module, spec: PretrainSpec, runtime: Runtime, train_set: ImageSource | None,
+    test_set: ImageSource | None, linear: bool = False,
 ) -> EvalResult:
-    if test_set is None or not train_set.labelled or not train_set.num_classes:
+    if test_set is None or train_set is None or not train_set.labelled or not train_set.num_classes:
         return EvalResult()
     d, e = spec.data, spec.eval
     return evaluate_backbone(
@@ -312,14 +324,16 @@ def pretrain(
         raise ValueError(f"optim.batch_size {spec.optim.batch_size} is not divisible by {dist.world_size()} workers")
     sets: dict[str, ImageSource | None] = {}
 
-    def eval_sets() -> tuple[ImageSource, ImageSource | None]:
+    def eval_sets() -> tuple[ImageSource | None, ImageSource | None]:
         """k-NN's memory bank and test split, built once and only where k-NN runs (rank 0)."""
+        if not has_test_split(spec.data):
+            return None, None
         if "train" not in sets:
             sets["train"] = job_source(spec.data, "train")
         if "test" not in sets:
             labelled = sets["train"].labelled  # type: ignore[union-attr]
-            sets["test"] = job_source(spec.data, "test") if spec.data.num_test_images > 0 and labelled else None
-        return sets["train"], sets["test"]  # type: ignore[return-value]
+            sets["test"] = job_source(spec.data, "test") if labelled else None
+        return sets["train"], sets["test"]
 
     method = build_method(spec.method, spec.model, spec.loss, spec.optim.batch_size // dist.world_size(),
                           distributed=dist.is_distributed())

@@ -19,6 +19,7 @@ from leoclr_core.data.base import (
 )
 from leoclr_core.data.cifar import Cifar10
 from leoclr_core.data.imagefolder import ImageFolder
+from leoclr_core.data.parquet import ParquetImages
 from leoclr_core.data.synthetic import CLASS_NAMES, SceneMeta, SyntheticObjects
 from leoclr_core.spec import DATA_SOURCES, DataSpec
 
@@ -55,10 +56,17 @@ def _imagefolder(data: DataSpec, split: str, resize_to: int | None) -> ImageSour
     )
 
 
+def _parquet(data: DataSpec, split: str, resize_to: int | None) -> ImageSource:
+    return ParquetImages(data.path, split, image_column=data.image_column,  # type: ignore[arg-type]
+                         label_column=data.label_column, labelled=data.labelled,
+                         num_images=_count(data, split), resize_to=resize_to)
+
+
 SOURCES: dict[str, Callable[[DataSpec, str, int | None], ImageSource]] = {
     "synthetic-objects": _synthetic,
     "cifar10": _cifar10,
     "imagefolder": _imagefolder,
+    "parquet": _parquet,
 }
 if set(SOURCES) != set(DATA_SOURCES):  # the spec's list of names and this registry must agree
     raise ImportError(f"data registry {sorted(SOURCES)} does not match spec.DATA_SOURCES {sorted(DATA_SOURCES)}")
@@ -86,6 +94,7 @@ __all__ = [
     "CorruptImageError",
     "ImageFolder",
     "ImageSource",
+    "ParquetImages",
     "as_hwc_array",
     "SOURCES",
     "SceneMeta",

@@ -4,6 +4,7 @@ Pipeline of a pretrain job (built on the driver, executed afresh every epoch):
 
     in-memory source (synthetic, CIFAR)      -> from_numpy, in blocks
     image files (local folder or s3://, gs://)  -> read_binary_files -> decode (tasks)
+    Parquet (local or s3://, gs://)             -> read_parquet(image column) -> decode (tasks)
       -> randomize_block_order
       -> views: `map_batches` on CPU, at most `scaling.data_workers` at a time, as tasks (default) or
          an actor pool (`scaling.data_compute`), or nothing when the training workers augment on
@@ -18,6 +19,7 @@ in every epoch counts once); the count is the `skipped_files` metric.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -34,6 +36,7 @@ from ..augment import BatchedViews
 from ..data import as_hwc_array
 from ..data.base import CorruptImageError, resize_square
 from ..data.imagefolder import EXTENSIONS, ImageFolder, decode_image
+from ..data.parquet import parquet_split_paths
 from ..engine import Runtime
 from ..methods import METHOD_REGISTRY, MomentumMethod
 from ..spec import PretrainSpec
@@ -87,15 +90,21 @@ def list_image_files(uri: str) -> list[str]:
     return found
 
 
-def decode_batch(batch: dict[str, np.ndarray], size: int, counter: Any | None) -> dict[str, np.ndarray]:
-    """Bytes -> uint8 (N, size, size, 3); unreadable files are dropped and reported to `counter`."""
+def decode_batch(batch: dict[str, np.ndarray], size: int, counter: Any | None,
+                 column: str = "bytes") -> dict[str, np.ndarray]:
+    """Bytes -> uint8 (N, size, size, 3); unreadable images are dropped and reported to `counter`
+    by file path, or for a Parquet row by a digest of its bytes (so each counts once)."""
     images, bad = [], []
-    for data, path in zip(batch["bytes"], batch["path"]):
+    paths = batch["path"] if "path" in batch else [None] * len(batch[column])
+    for data, path in zip(batch[column], paths):
+        if isinstance(data, dict):  # a struct cell {"bytes": ..., "path": ...}
+            data = data.get("bytes")
         try:
-            image = decode_image(io.BytesIO(data), draft_size=size)
+            image = decode_image(io.BytesIO(data if isinstance(data, (bytes, bytearray)) else b""), draft_size=size)
         except CorruptImageError as exc:
-            log.warning("skipping corrupt image %s: %s", path, exc)
-            bad.append(str(path))
+            name = str(path) if path is not None else "row sha1:" + hashlib.sha1(data or b"").hexdigest()[:16]
+            log.warning("skipping corrupt image %s: %s", name, exc)
+            bad.append(name)
             continue
         images.append(resize_square(image, size).permute(1, 2, 0).numpy())
     if bad and counter is not None:
@@ -157,6 +166,15 @@ def build_dataset(spec: PretrainSpec, counter: Any | None = None) -> tuple[ray.d
         ds = ray.data.read_binary_files(paths, include_paths=True)
         ds = ds.map_batches(decode_batch, fn_kwargs={"size": size, "counter": counter}, batch_size=64)
         n = len(paths)
+    elif d.source == "parquet":
+        size = resize_for_batching(d)
+        where = d.path if is_uri(d.path) else str(parquet_split_paths(d.path)[0])  # type: ignore[arg-type]
+        ds = ray.data.read_parquet(where).select_columns([d.image_column])  # projection pushed into the read
+        if d.num_images is not None:
+            ds = ds.limit(d.num_images)
+        n = ds.count()  # from the files' metadata
+        ds = ds.map_batches(decode_batch, fn_kwargs={"size": size, "counter": counter, "column": d.image_column},
+                            batch_size=64)
     else:
         images = as_hwc_array(job_source(d, "train"))
         n = len(images)

@@ -169,6 +169,7 @@ class RayRun:
     seconds: float = 0.0
     records: list[dict[str, Any]] = field(default_factory=list)
     worker_nodes: list[str] = field(default_factory=list)  # node id of each worker, by rank
+    resumed_from: list[int] = field(default_factory=list)  # completed epochs each restart resumed after
 
 
 class _Follower:
@@ -180,6 +181,7 @@ class _Follower:
         self.index, self.records, self.restarts, self.redone = 0, [], 0, 0
         self.state: RunState | None = None
         self.nodes: list[str] = []  # node id of each worker, by rank
+        self.resumed_from: list[int] = []  # the epoch each worker-group restart resumed at
         self.last_epoch = 0
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="leoclr-progress", daemon=True)
@@ -197,6 +199,7 @@ class _Follower:
                 self.cb.on_start(self.state)
             else:
                 self.restarts += 1
+                self.resumed_from.append(r["start_epoch"])
                 self.redone += max(0, self.last_epoch - r["start_epoch"])
                 log.warning("worker group restarted from epoch %d (last finished epoch %d)",
                             r["start_epoch"], self.last_epoch)
@@ -270,7 +273,7 @@ def run_pretrain(
     run_id = tracking.start_job_run(spec, f"{storage}/{run_name}", settings=s)
     ok = False
     try:
-        counter = SkipCounter.remote() if spec.data.source == "imagefolder" else None
+        counter = SkipCounter.remote() if spec.data.source in ("imagefolder", "parquet") else None
         dataset, num_images = build_dataset(spec, counter)
         progress = ProgressLog.remote()
         sc = spec.scaling
@@ -305,7 +308,7 @@ def run_pretrain(
                       registry_uri=run.encoder.registry_uri if run.encoder else None,
                       model_version=run.encoder.version if run.encoder else None,
                       restarts=run.restarts, epochs_redone=run.epochs_redone, seconds=run.seconds,
-                      worker_nodes=run.worker_nodes)
+                      worker_nodes=run.worker_nodes, resumed_from=run.resumed_from)
         ok = True
         return run
     finally:
@@ -330,4 +333,5 @@ def _export(spec: PretrainSpec, out: Path, final_state: dict[str, Any], follower
     encoder = tracking.log_encoder(run_id, backbone, spec.model, spec.data, spec.register,
                                    metrics=state.final, settings=s)
     return RayRun(state=state, run_id=run_id, storage=storage, encoder=encoder, restarts=follower.restarts,
-                  epochs_redone=follower.redone, records=follower.records, worker_nodes=follower.nodes)
+                  epochs_redone=follower.redone, records=follower.records, worker_nodes=follower.nodes,
+                  resumed_from=follower.resumed_from)

@@ -271,3 +271,62 @@ def test_build_source_missing_path_is_clear(tmp_path):
     for source in ("cifar10", "imagefolder"):
         with pytest.raises(FileNotFoundError, match="no-such-dir"):
             build_source(DataSpec(source=source, path=str(tmp_path / "no-such-dir")), "train")
+
+
+def _png_bytes(rng, h=20, w=24) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_parquet_split(root, rng, n_train=30, n_test=9, bad_rows=1):
+    """root/train/part.parquet and root/test/part.parquet: PNG bytes + string labels."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for split, n in (("train", n_train), ("test", n_test)):
+        (root / split).mkdir(parents=True)
+        images = [_png_bytes(rng) for _ in range(n)]
+        if split == "train":
+            for i in range(bad_rows):
+                images[i] = b"\x89PNG broken"
+        labels = [("cat", "dog", "fox")[i % 3] for i in range(n)]
+        pq.write_table(pa.table({"image": images, "label": labels}), root / split / "part.parquet")
+
+
+def test_parquet_source_reads_splits_labels_and_skips_corrupt_rows(tmp_path):
+    from leoclr_core.data import ParquetImages
+    from leoclr_core.spec import DataSpec
+    from leoclr_core.train import has_test_split
+
+    write_parquet_split(tmp_path / "pq", np.random.default_rng(0))
+    train = ParquetImages(tmp_path / "pq", "train", resize_to=16)
+    test = ParquetImages(tmp_path / "pq", "test", resize_to=16)
+    assert (len(train), len(test)) == (30, 9) and train.classes == ["cat", "dog", "fox"]
+    assert list(test.targets[:3]) == [0, 1, 2]
+    image, label, skipped = train[0]  # row 0 is corrupt: the next row is returned, the skip counted
+    assert image.shape == (3, 16, 16) and image.dtype == torch.uint8 and skipped == 1 and label == 1
+    assert has_test_split(DataSpec(source="parquet", path=str(tmp_path / "pq")))
+
+
+def test_parquet_source_without_a_test_split_trains_but_has_no_k_nn(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from leoclr_core.data import ParquetImages
+    from leoclr_core.spec import DataSpec
+    from leoclr_core.train import has_test_split
+
+    rng = np.random.default_rng(1)
+    pq.write_table(pa.table({"img": [_png_bytes(rng) for _ in range(5)]}), tmp_path / "flat.parquet")
+    src = ParquetImages(tmp_path / "flat.parquet", "train", image_column="img", resize_to=8)
+    assert len(src) == 5 and not src.labelled and src[0][1] == -1
+    assert not has_test_split(DataSpec(source="parquet", path=str(tmp_path / "flat.parquet")))
+    with pytest.raises(ValueError, match="no test split"):
+        ParquetImages(tmp_path / "flat.parquet", "test", image_column="img")
+    with pytest.raises(ValueError, match="no column 'image'"):
+        ParquetImages(tmp_path / "flat.parquet", "train")
