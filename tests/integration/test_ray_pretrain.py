@@ -124,6 +124,15 @@ def test_evaluate_names_an_unknown_registered_model(ray_cluster, tmp_path):
     assert "no-such-model" in result.output
 
 
+def _registered(storage: Path, name: str) -> bool:
+    """Whether Ray Train's controller has registered checkpoint `name` (not just its upload)."""
+    try:
+        snapshot = json.loads((storage / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return any(c.get("checkpoint_dir_name") == name for c in snapshot.get("checkpoint_results", []))
+
+
 def _train_worker_pids() -> list[int]:
     pids = []
     for proc in Path("/proc").iterdir():
@@ -146,7 +155,7 @@ def test_a_killed_worker_does_not_lose_the_run(ray_cluster, tmp_path):
                             env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     storage = Path(core_settings().ray_storage) / "ray-kill"
     deadline = time.monotonic() + 300
-    while not (storage / "epoch-0002").exists():
+    while not _registered(storage, "epoch-0002"):
         assert proc.poll() is None, proc.stdout.read()[-3000:]
         assert time.monotonic() < deadline, "no second checkpoint within 300 s"
         time.sleep(0.5)
