@@ -172,12 +172,27 @@ class RayRun:
     resumed_from: list[int] = field(default_factory=list)  # completed epochs each restart resumed after
 
 
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return []
+
+
+def _write_records(path: Path, records: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tmp.replace(path)
+
+
 class _Follower:
     """Reads rank 0's records off the ProgressLog actor and replays them into the caller's callbacks.
     A worker-group restart shows up as a second "start": counted, and its repeated epochs noted."""
 
     def __init__(self, actor: Any, callbacks: Callbacks, out: Path, epochs: int):
         self.actor, self.cb, self.out = actor, callbacks, out
+        out.mkdir(parents=True, exist_ok=True)
+        self.path = out / "metrics.jsonl"
         self.index, self.records, self.restarts, self.redone = 0, [], 0, 0
         self.state: RunState | None = None
         self.nodes: list[str] = []  # node id of each worker, by rank
@@ -196,6 +211,8 @@ class _Follower:
                 self.state = RunState(out_dir=self.out, epochs=r["epochs"], steps_per_epoch=r["steps_per_epoch"],
                                       start_epoch=r["start_epoch"])
                 self.last_epoch = r["start_epoch"]
+                if r["start_epoch"] > 0:  # a resumed job: the records its earlier driver wrote still count
+                    self.records = _read_records(self.path)
                 self.cb.on_start(self.state)
             else:
                 self.restarts += 1
@@ -207,8 +224,11 @@ class _Follower:
             self.records = [x for x in self.records if x.get("epoch", 0) <= r["start_epoch"]]
             if self.state is not None:
                 self.state.history = [x for x in self.records if x["type"] == "epoch"]
+            _write_records(self.path, self.records)
             return
         self.records.append(r)
+        with self.path.open("a") as fh:  # as they come, so a driver that dies leaves them behind
+            fh.write(json.dumps(r) + "\n")
         if r["type"] == "step":
             self.cb.on_log(r)
         elif r["type"] == "epoch" and self.state is not None:
@@ -320,9 +340,7 @@ def _export(spec: PretrainSpec, out: Path, final_state: dict[str, Any], follower
     """The run folder and the registered encoder, from the final checkpoint."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.json").write_text(spec.model_dump_json(indent=2))
-    with (out / "metrics.jsonl").open("w") as fh:
-        for r in follower.records:
-            fh.write(json.dumps(r) + "\n")
+    _write_records(out / "metrics.jsonl", follower.records)
     backbone, _ = build_backbone(spec.model)
     backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in final_state["query"].items()
                               if k.startswith("backbone.")})

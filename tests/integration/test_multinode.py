@@ -1,5 +1,6 @@
 """Two Ray nodes on this machine (`ray.cluster_utils.Cluster`): the two training workers are placed
-on different nodes (STRICT_SPREAD) and a short run completes with checkpoints in one shared path."""
+on different nodes (STRICT_SPREAD) and a short run completes with checkpoints in one shared path,
+its views made by the workers from streamed images (the data flow GPU workers use)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,10 @@ def test_workers_on_two_nodes_share_one_storage_path(two_nodes, tmp_path):
 
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2
     shared = tmp_path / "shared-storage"  # what NFS or s3:// is to a real cluster
+    # augment.device gpu: Ray Data streams images and each worker makes its views on its own device
+    # (the GPU path's data flow, here on CPU tensors)
     spec = parse_spec(tiny_spec("two-nodes", tmp_path, scaling={"placement_strategy": "STRICT_SPREAD"},
+                                augment={"device": "gpu"},
                                 checkpoint={"every": 1, "keep": 2, "storage_path": str(shared)}))
     run = run_pretrain(spec)
     assert len(run.worker_nodes) == 2 and len(set(run.worker_nodes)) == 2

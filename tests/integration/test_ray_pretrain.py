@@ -250,3 +250,32 @@ def test_parquet_rows_stream_through_ray_datas_reader(ray_cluster, tmp_path):
     final = run.state.final
     assert final["skipped_files"] == 1 and final["step"] == 2  # 95 readable rows: 2 full batches of 32
     assert "knn_top1" not in final
+
+
+def test_a_job_whose_driver_died_resumes_into_the_same_mlflow_run(ray_cluster, tmp_path):
+    """SIGKILL the driver (`leoclr pretrain`) after epoch 2's checkpoint; running the same spec again
+    resumes from that checkpoint (same name, same storage) and continues the same MLflow run."""
+    spec = tiny_spec("ray-driver-dies", tmp_path, optim={"epochs": 4})
+    path = _write(tmp_path, spec)
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster, "LEOCLR_PROGRESS": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "leoclr_core.cli", "pretrain", str(path)],
+                            env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    storage = Path(core_settings().ray_storage) / "ray-driver-dies"
+    deadline = time.monotonic() + 300
+    while not _registered(storage, "epoch-0002"):
+        assert proc.poll() is None and time.monotonic() < deadline, "the first driver ended or stalled"
+        time.sleep(0.5)
+    proc.kill()
+    proc.wait()
+    c = _mlflow()
+    [first] = c.search_runs([c.get_experiment_by_name("ray-driver-dies").experiment_id])
+    assert first.info.status == "RUNNING"  # nobody closed it
+    result = runner.invoke(app, ["pretrain", str(path)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["mlflow_run_id"] == first.info.run_id and summary["epoch"] == 4
+    run = c.get_run(first.info.run_id)
+    assert run.info.status == "FINISHED"
+    assert {m.step for m in c.get_metric_history(run.info.run_id, "epoch/loss")} == {1, 2, 3, 4}
+    records = [json.loads(x) for x in (Path(spec["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if r["type"] == "epoch"] == [1, 2, 3, 4]  # both drivers' records
