@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .spec import EvaluateSpec, PretrainSpec, SpecError, load_spec
+from .spec import EvaluateSpec, PretrainSpec, SpecError, load_spec, parse_spec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="LeOCLR self-supervised pretraining.")
 experiment_app = typer.Typer(no_args_is_help=True, help="Experiments that test the method's claims.")
@@ -139,7 +139,10 @@ def pretrain(
     `register` section, registered as models:/<model_name>@<alias>.
     """
     spec: PretrainSpec = _load(spec_path, overrides, "pretrain")
-    out = output or spec.out_dir
+    _pretrain(spec, output or spec.out_dir, local=local, device=device)
+
+
+def _pretrain(spec: PretrainSpec, out: Path, local: bool = False, device: Optional[str] = None) -> None:
     where = "in this process" if local else f"on Ray, {spec.scaling.num_workers} worker(s)"
     console.print(f"[bold]{spec.name}[/bold]: {spec.method} on {spec.data.source}, backbone {spec.model.backbone}, "
                   f"{spec.optim.epochs} epochs, {where} -> {out}")
@@ -196,6 +199,10 @@ def evaluate(
 ) -> None:
     """Evaluate a frozen encoder (registry URI, run URI or checkpoint): k-NN, linear probe or transfer."""
     spec: EvaluateSpec = _load(spec_path, overrides, "evaluate")
+    _evaluate(spec, local=local, device=device)
+
+
+def _evaluate(spec: EvaluateSpec, local: bool = False, device: Optional[str] = None) -> None:
     try:
         if local:
             from .run_eval import evaluate_job
@@ -223,6 +230,66 @@ def evaluate(
             table.add_row(k, f"{v:.2f}")
     console.print(table)
     typer.echo(json.dumps(result))
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    num_cpus: Optional[int] = typer.Option(None, help="CPUs of the embedded Ray head (default: all)."),
+) -> None:
+    """Start the REST API (FastAPI + uvicorn). Embedded defaults: a Ray head on 127.0.0.1 started
+    (or found again) for it, MLflow and the job store on SQLite under LEOCLR_DATA_DIR."""
+    import sys
+
+    import uvicorn
+
+    from service.app import create_app
+    from service.cluster import ensure_head
+    from service.runner import RayJobsRunner
+    from service.settings import ServiceSettings
+
+    s = ServiceSettings()
+    head = None
+    env = {"LEOCLR_DATA_DIR": str(s.home), "MLFLOW_TRACKING_URI": s.tracking_uri}
+    if s.ray_jobs_address:
+        runner = RayJobsRunner(s.ray_jobs_address, env=env)
+    else:
+        head = ensure_head(s.home, num_cpus)
+        leoclr = Path(sys.executable).with_name("leoclr")  # this install's CLI, whatever PATH the head has
+        runner = RayJobsRunner(head.dashboard_url, entrypoint=f"{leoclr} run-job", env=env)
+        console.print(f"Ray head: {head.gcs_address}, dashboard and Jobs API {head.dashboard_url}")
+    try:
+        uvicorn.run(create_app(s, runner), host=host, port=port, log_level="info")
+    finally:
+        if head is not None and head.owned:
+            head.stop()
+
+
+@app.command("run-job")
+def run_job() -> None:
+    """Run the job spec in $LEOCLR_JOB_SPEC (JSON) on the Ray cluster this process is in.
+
+    The entrypoint of the service's Ray Jobs: the spec travels in the job's environment, so the
+    driver needs no file shared with the API.
+    """
+    import os
+
+    raw = os.environ.get("LEOCLR_JOB_SPEC")
+    if not raw:
+        _fail("LEOCLR_JOB_SPEC is not set: it must hold the job spec as JSON", code=2)
+    try:
+        spec = parse_spec(json.loads(raw))  # type: ignore[arg-type]
+    except (json.JSONDecodeError, SpecError) as exc:
+        _fail(f"LEOCLR_JOB_SPEC: {exc}", code=2)
+    from .settings import core_settings
+
+    if not spec.output_dir:  # a job's driver runs in a Ray-chosen folder: keep the run with the data
+        spec = spec.model_copy(update={"output_dir": str(core_settings().home / "runs" / spec.name)})
+    if spec.kind == "pretrain":
+        _pretrain(spec, spec.out_dir)
+    else:
+        _evaluate(spec)
 
 
 @experiment_app.command("crop-semantics")

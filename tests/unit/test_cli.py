@@ -56,3 +56,12 @@ def test_experiment_quick_writes_table_and_plot(tmp_path):
 def test_experiment_rejects_an_unknown_variant(tmp_path):
     result = runner.invoke(app, ["experiment", "crop-semantics", "--quick", "--variant", "nope", "-o", str(tmp_path)])
     assert result.exit_code == 2 and "unknown variant" in result.output
+
+
+def test_run_job_needs_its_spec_in_the_environment(monkeypatch):
+    monkeypatch.delenv("LEOCLR_JOB_SPEC", raising=False)
+    result = runner.invoke(app, ["run-job"])
+    assert result.exit_code == 2 and "LEOCLR_JOB_SPEC is not set" in result.output
+    monkeypatch.setenv("LEOCLR_JOB_SPEC", '{"kind": "pretrain", "optim": {"lr": -1}}')
+    result = runner.invoke(app, ["run-job"])
+    assert result.exit_code == 2 and "optim.lr" in result.output

@@ -1,0 +1,49 @@
+"""How jobs reach Ray: Ray Jobs (`JobSubmissionClient`), the driver being this project's own CLI.
+
+The spec travels in the job's environment (`LEOCLR_JOB_SPEC`, JSON), so the driver needs no
+file shared with the API. `leoclr run-job` reads it and runs the job on the cluster it is in.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Protocol
+
+# Ray job statuses -> ours. PENDING: accepted, driver not started yet.
+STATUS_MAP = {"PENDING": "queued", "RUNNING": "running", "SUCCEEDED": "succeeded", "FAILED": "failed",
+              "STOPPED": "cancelled"}
+
+
+class Runner(Protocol):
+    def submit(self, job_id: str, spec: dict[str, Any]) -> str: ...
+    def status(self, submission_id: str) -> str: ...
+    def stop(self, submission_id: str) -> None: ...
+    def logs(self, submission_id: str) -> str: ...
+
+
+class RayJobsRunner:
+    """`address`: the Ray dashboard's HTTP address (the Jobs API). `env`: variables every driver
+    gets (where MLflow and the data directory are), so jobs land where the API looks."""
+
+    def __init__(self, address: str, entrypoint: str = "leoclr run-job", env: dict[str, str] | None = None):
+        from ray.job_submission import JobSubmissionClient  # not torch: the API may import it
+
+        self.client = JobSubmissionClient(address)
+        self.entrypoint, self.env = entrypoint, dict(env or {})
+
+    def submit(self, job_id: str, spec: dict[str, Any]) -> str:
+        return self.client.submit_job(
+            entrypoint=self.entrypoint,
+            submission_id=f"leoclr-{job_id}",
+            runtime_env={"env_vars": {**self.env, "LEOCLR_JOB_SPEC": json.dumps(spec), "LEOCLR_JOB_ID": job_id}},
+            metadata={"leoclr_job": job_id, "kind": str(spec.get("kind")), "name": str(spec.get("name"))},
+        )
+
+    def status(self, submission_id: str) -> str:
+        return STATUS_MAP.get(str(self.client.get_job_status(submission_id)).split(".")[-1], "running")
+
+    def stop(self, submission_id: str) -> None:
+        self.client.stop_job(submission_id)
+
+    def logs(self, submission_id: str) -> str:
+        return self.client.get_job_logs(submission_id)

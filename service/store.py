@@ -1,0 +1,101 @@
+"""The job store (SQLAlchemy): SQLite by default, any database SQLAlchemy speaks (PostgreSQL) by URL.
+
+A job row is written before anything is submitted, so a job the API accepted is never lost: if
+the submission to Ray fails, the row says so (status `failed`, the error), and a restarted API
+finds every job where it left it.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, String, Text, create_engine, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+FINISHED = ("succeeded", "failed", "cancelled")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: uuid.uuid4().hex)
+    kind: Mapped[str] = mapped_column(String(16), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16), index=True, default="queued")
+    submission_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(128), unique=True, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, onupdate=_now)
+
+
+class JobStore:
+    def __init__(self, url: str):
+        if url.startswith("sqlite:///"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.engine = create_engine(url, pool_pre_ping=True)
+        Base.metadata.create_all(self.engine)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def create(self, kind: str, name: str, spec: dict[str, Any], idempotency_key: str | None = None) -> tuple[Job, bool]:
+        """(job, created). With a key already used, the job it created and False."""
+        with self.sessions() as s:
+            if idempotency_key is not None:
+                found = s.scalars(select(Job).where(Job.idempotency_key == idempotency_key)).first()
+                if found is not None:
+                    return found, False
+            job = Job(kind=kind, name=name, spec=json.loads(json.dumps(spec)), idempotency_key=idempotency_key)
+            s.add(job)
+            try:
+                s.commit()
+            except IntegrityError:  # the same key raced in from another request
+                s.rollback()
+                found = s.scalars(select(Job).where(Job.idempotency_key == idempotency_key)).one()
+                return found, False
+            return job, True
+
+    def get(self, job_id: str) -> Job | None:
+        with self.sessions() as s:
+            return s.get(Job, job_id)
+
+    def list(self, status: str | None = None, kind: str | None = None, limit: int = 50,
+             offset: int = 0) -> tuple[list[Job], int]:
+        with self.sessions() as s:
+            q = select(Job)
+            if status:
+                q = q.where(Job.status == status)
+            if kind:
+                q = q.where(Job.kind == kind)
+            total = s.scalar(select(func.count()).select_from(q.subquery())) or 0
+            rows = s.scalars(q.order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)).all()
+            return list(rows), total
+
+    def update(self, job_id: str, **fields: Any) -> Job:
+        with self.sessions() as s:
+            job = s.get(Job, job_id)
+            if job is None:
+                raise KeyError(job_id)
+            for k, v in fields.items():
+                setattr(job, k, v)
+            s.commit()
+            return job
+
+    def unfinished(self) -> list[Job]:
+        with self.sessions() as s:
+            return list(s.scalars(select(Job).where(Job.status.not_in(FINISHED))).all())
