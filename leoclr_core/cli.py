@@ -111,7 +111,7 @@ LocalOption = typer.Option(
     False, "--local", help="Run in this process without Ray or MLflow (outputs only in the run folder).")
 
 
-def _run_with_progress(total_epochs: int, fn):
+def _run_with_progress(fn):
     """Call fn(callbacks) under a progress bar on a terminal, with one line per epoch elsewhere."""
     if console.is_terminal or _force_progress():
         with make_progress() as progress:
@@ -151,7 +151,7 @@ def _pretrain(spec: PretrainSpec, out: Path, local: bool = False, device: Option
         from .train import pretrain as run
 
         try:
-            state = _run_with_progress(spec.optim.epochs, lambda cb: run(spec, device=device, callbacks=cb, out_dir=out))
+            state = _run_with_progress(lambda cb: run(spec, device=device, callbacks=cb, out_dir=out))
         except (ValueError, FileNotFoundError) as exc:
             _fail(exc)
         final = state.final
@@ -175,7 +175,7 @@ def _pretrain_on_ray(spec: PretrainSpec, out: Path) -> tuple[dict, dict]:
     try:
         with ray_session(cluster_cpus_needed(spec), log_to_driver=not terminal) as address:
             console.print(f"Ray: {address}")
-            run = _run_with_progress(spec.optim.epochs, lambda cb: run_pretrain(spec, callbacks=cb, out_dir=out))
+            run = _run_with_progress(lambda cb: run_pretrain(spec, callbacks=cb, out_dir=out))
     except (ValueError, FileNotFoundError) as exc:
         _fail(exc)
     except Exception as exc:  # noqa: BLE001 - Ray's errors carry the worker's traceback; say it, exit non-zero

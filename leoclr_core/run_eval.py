@@ -38,7 +38,7 @@ def evaluate_job(
     d = spec.data
     if encoder is not None:
         backbone, (mean, std) = encoder.eval(), IDENTITY_NORM
-        backbone_name = getattr(getattr(encoder, "backbone", None), "__class__", type(encoder)).__name__
+        backbone_name = type(getattr(encoder, "backbone", encoder)).__name__
         source = spec.encoder.model_uri
     else:
         backbone, model = load_backbone(spec.encoder.checkpoint)  # type: ignore[arg-type]

@@ -69,8 +69,11 @@ def ensure_experiment(c: MlflowClient, name: str, settings: CoreSettings | None 
         return exp.experiment_id
 
 
-def _param_value(v: Any) -> str:
-    return str(v)[:6000]  # MLflow's limit on a param value
+def _log_params(c: MlflowClient, run_id: str, spec: Any) -> None:
+    """The flattened spec as params; MLflow takes at most 100 per batch and 6000 characters a value."""
+    params = [Param(k, str(v)[:6000]) for k, v in flatten(spec).items()]
+    for i in range(0, len(params), 100):
+        c.log_batch(run_id, params=params[i:i + 100])
 
 
 def start_job_run(spec: PretrainSpec, storage: str, *, settings: CoreSettings | None = None,
@@ -92,9 +95,7 @@ def start_job_run(spec: PretrainSpec, storage: str, *, settings: CoreSettings | 
             return run_id
     tags = {TAG_JOB: spec.name, TAG_KIND: spec.kind, TAG_STORAGE: storage, **(extra_tags or {})}
     run = c.create_run(exp, run_name=spec.name, tags=tags)
-    params = [Param(k, _param_value(v)) for k, v in flatten(spec).items()]
-    for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-        c.log_batch(run.info.run_id, params=params[i:i + 100])
+    _log_params(c, run.info.run_id, spec)
     return run.info.run_id
 
 
@@ -273,9 +274,7 @@ def log_evaluation(spec_name: str, spec: Any, results: dict[str, Any], encoder_u
     exp = ensure_experiment(c, spec_name, settings)
     run = c.create_run(exp, run_name=spec_name, tags={TAG_JOB: spec_name, TAG_KIND: "evaluate",
                                                        "leoclr.encoder": encoder_uri})
-    params = [Param(k, _param_value(v)) for k, v in flatten(spec).items()]
-    for i in range(0, len(params), 100):
-        c.log_batch(run.info.run_id, params=params[i:i + 100])
+    _log_params(c, run.info.run_id, spec)
     log_metrics(c, run.info.run_id, results, step=0)
     version = resolve_version(encoder_uri, settings)
     if version is not None:

@@ -244,13 +244,18 @@ def load_backbone(path: str | Path) -> tuple[nn.Module, ModelSpec]:
         state = torch.load(p, map_location="cpu", weights_only=False)
     else:
         state = load_checkpoint(p)
+    return backbone_from_state(state, str(path))
+
+
+def backbone_from_state(state: dict[str, Any], where: str = "the state") -> tuple[nn.Module, ModelSpec]:
+    """The query backbone of an exported encoder or of a training checkpoint's state."""
     if "backbone" in state:
         model, weights = ModelSpec(**state["model"]), state["backbone"]
     elif "query" in state:
         model = ModelSpec(**state["spec"]["model"])
         weights = {k.removeprefix("backbone."): v for k, v in state["query"].items() if k.startswith("backbone.")}
     else:
-        raise ValueError(f"{path} holds neither an exported encoder nor a training checkpoint")
+        raise ValueError(f"{where} holds neither an exported encoder nor a training checkpoint")
     backbone, _ = build_backbone(model)
     backbone.load_state_dict(weights)
     return backbone.eval(), model
@@ -340,8 +345,7 @@ def pretrain(
     method = prepare_method(method, runtime)
     if feed is None:
         sets["train"] = job_source(spec.data, "train")
-        source = sets["train"]
-        data = ViewFeed(spec, method, runtime, source)
+        data = ViewFeed(spec, method, runtime, sets["train"])
     else:
         data = feed(spec, method, runtime)
     if spec.loss.queue_size > data.num_images:

@@ -12,7 +12,7 @@ from starlette.middleware.base import BaseHTTPMiddleware
 from leoclr_core.spec import SpecError, parse_spec
 
 from .auth import ensure_token, require_token
-from .reconcile import Reconciler, submit_job
+from .reconcile import Reconciler, reconcile_job, submit_job
 from .runner import Runner
 from .schemas import JobList, JobOut
 from .settings import ServiceSettings
@@ -97,11 +97,8 @@ def create_app(settings: ServiceSettings | None = None, runner: Runner | None = 
     def get_job(request: Request, job_id: str) -> Any:
         job = _job(request, job_id)
         run: Runner | None = request.app.state.runner
-        if job.status not in FINISHED and job.submission_id and run is not None:
-            try:  # follow Ray's view of the job on read
-                job = request.app.state.store.update(job.id, status=run.status(job.submission_id))
-            except Exception:  # noqa: BLE001 - Ray unreachable: report the stored status
-                pass
+        if job.status not in FINISHED and run is not None:
+            job = reconcile_job(request.app.state.store, run, job)  # Ray's view, on read too
         return job
 
     @app.post("/v1/jobs/{job_id}/cancel", dependencies=authed, response_model=JobOut)

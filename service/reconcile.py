@@ -52,34 +52,35 @@ def _aware(t: datetime) -> datetime:
     return t if t.tzinfo else t.replace(tzinfo=timezone.utc)  # SQLite gives naive datetimes back
 
 
-def reconcile_once(store: JobStore, runner: Runner) -> int:
-    """One pass; returns how many jobs changed status."""
-    changed = 0
-    for job in store.unfinished():
-        if not job.submission_id:
-            before = job.status
-            if submit_job(store, runner, job).status != before:
-                changed += 1
-            continue
+def reconcile_job(store: JobStore, runner: Runner, job: Job) -> Job:
+    """Bring one unfinished job up to Ray's view of it: submit it if it is still waiting, take
+    its status, and when it has finished, its result (the driver's last JSON line) or error.
+    The background loop and a read of the job both go through here, so neither can record a
+    finished status without its result."""
+    if not job.submission_id:
+        return submit_job(store, runner, job)
+    try:
+        status = runner.status(job.submission_id)
+    except Exception as exc:  # noqa: BLE001 - Ray briefly unreachable: try again next pass
+        log.debug("status of %s: %s", job.id, exc)
+        return job
+    if status == job.status:
+        return job
+    fields: dict[str, Any] = {"status": status}
+    if status in FINISHED:
         try:
-            status = runner.status(job.submission_id)
-        except Exception as exc:  # noqa: BLE001 - Ray briefly unreachable: try again next pass
-            log.debug("status of %s: %s", job.id, exc)
-            continue
-        if status == job.status:
-            continue
-        fields: dict[str, Any] = {"status": status}
-        if status in FINISHED:
-            try:
-                logs = runner.logs(job.submission_id)
-                fields["result"] = last_json_line(logs)
-                if status == "failed":
-                    fields["error"] = "\n".join(logs.strip().splitlines()[-20:])
-            except Exception as exc:  # noqa: BLE001
-                log.debug("logs of %s: %s", job.id, exc)
-        store.update(job.id, **fields)
-        changed += 1
-    return changed
+            logs = runner.logs(job.submission_id)
+            fields["result"] = last_json_line(logs)
+            if status == "failed":
+                fields["error"] = "\n".join(logs.strip().splitlines()[-20:])
+        except Exception as exc:  # noqa: BLE001
+            log.debug("logs of %s: %s", job.id, exc)
+    return store.update(job.id, **fields)
+
+
+def reconcile_once(store: JobStore, runner: Runner) -> int:
+    """One pass over every unfinished job; returns how many changed status."""
+    return sum(reconcile_job(store, runner, job).status != job.status for job in store.unfinished())
 
 
 class Reconciler:

@@ -55,7 +55,7 @@ class ParquetImages(ImageSource):
             table = table.slice(0, num_images)
         if len(table) == 0:
             raise ValueError(f"parquet source '{where}' holds no rows")
-        self.images: list[bytes] = [_bytes(v) for v in table.column(image_column).to_pylist()]
+        self.images: list[bytes] = [cell_bytes(v) for v in table.column(image_column).to_pylist()]
         self.labelled = bool(labelled and label_column and label_column in table.column_names)
         if self.labelled:
             raw = table.column(label_column).to_pylist()
@@ -86,7 +86,7 @@ class ParquetImages(ImageSource):
         return decode_image(io.BytesIO(self.images[index]), self.resize_to), int(self.labels[index])
 
 
-def _bytes(value: object) -> bytes:
+def cell_bytes(value: object) -> bytes:
     """Image bytes from a binary cell, or from a struct cell like {"bytes": ..., "path": ...}
     (the layout Hugging Face datasets write)."""
     if isinstance(value, dict):

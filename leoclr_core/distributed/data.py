@@ -36,7 +36,7 @@ from ..augment import BatchedViews
 from ..data import as_hwc_array
 from ..data.base import CorruptImageError, resize_square
 from ..data.imagefolder import EXTENSIONS, ImageFolder, decode_image
-from ..data.parquet import parquet_split_paths
+from ..data.parquet import cell_bytes, parquet_split_paths
 from ..engine import Runtime
 from ..methods import METHOD_REGISTRY, MomentumMethod
 from ..spec import PretrainSpec
@@ -96,13 +96,12 @@ def decode_batch(batch: dict[str, np.ndarray], size: int, counter: Any | None,
     by file path, or for a Parquet row by a digest of its bytes (so each counts once)."""
     images, bad = [], []
     paths = batch["path"] if "path" in batch else [None] * len(batch[column])
-    for data, path in zip(batch[column], paths):
-        if isinstance(data, dict):  # a struct cell {"bytes": ..., "path": ...}
-            data = data.get("bytes")
+    for cell, path in zip(batch[column], paths):
+        data = cell_bytes(cell)
         try:
-            image = decode_image(io.BytesIO(data if isinstance(data, (bytes, bytearray)) else b""), draft_size=size)
+            image = decode_image(io.BytesIO(data), draft_size=size)
         except CorruptImageError as exc:
-            name = str(path) if path is not None else "row sha1:" + hashlib.sha1(data or b"").hexdigest()[:16]
+            name = str(path) if path is not None else "row sha1:" + hashlib.sha1(data).hexdigest()[:16]
             log.warning("skipping corrupt image %s: %s", name, exc)
             bad.append(name)
             continue

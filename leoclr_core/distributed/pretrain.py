@@ -32,11 +32,18 @@ from .. import dist, tracking
 from ..checkpoint import atomic_save, load_checkpoint
 from ..engine import Runtime
 from ..methods import MomentumMethod
-from ..model import build_backbone
 from ..settings import CoreSettings, core_settings
 from ..spec import PretrainSpec
-from ..train import Callbacks, CheckpointStore, RunState, pretrain, save_encoder, write_summary
-from .data import RayFeed, SkipCounter, build_dataset
+from ..train import (
+    Callbacks,
+    CheckpointStore,
+    RunState,
+    backbone_from_state,
+    pretrain,
+    save_encoder,
+    write_summary,
+)
+from .data import RayFeed, SkipCounter, augment_on_worker, build_dataset
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +196,7 @@ class _Follower:
     """Reads rank 0's records off the ProgressLog actor and replays them into the caller's callbacks.
     A worker-group restart shows up as a second "start": counted, and its repeated epochs noted."""
 
-    def __init__(self, actor: Any, callbacks: Callbacks, out: Path, epochs: int):
+    def __init__(self, actor: Any, callbacks: Callbacks, out: Path):
         self.actor, self.cb, self.out = actor, callbacks, out
         out.mkdir(parents=True, exist_ok=True)
         self.path = out / "metrics.jsonl"
@@ -200,7 +207,6 @@ class _Follower:
         self.last_epoch = 0
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="leoclr-progress", daemon=True)
-        self.epochs = epochs
 
     def _handle(self, r: dict[str, Any]) -> None:
         if r["type"] == "placement":
@@ -265,8 +271,6 @@ def cluster_cpus_needed(spec: PretrainSpec) -> float:
     tasks, and, unless GPUs augment, its view actors (which hold theirs for the whole epoch)."""
     s = spec.scaling
     need = s.num_workers * s.cpus_per_worker + 1
-    from .data import augment_on_worker
-
     if not augment_on_worker(spec):
         need += s.data_workers * s.data_cpus_per_worker
     return need
@@ -315,7 +319,7 @@ def run_pretrain(
             ),
             datasets={"train": dataset},
         )
-        with _Follower(progress, cb, out, spec.optim.epochs) as follower:
+        with _Follower(progress, cb, out) as follower:
             result = trainer.fit()
         if result.checkpoint is None:
             raise RuntimeError(f"run {run_name} reported no checkpoint; nothing to export")
@@ -341,9 +345,7 @@ def _export(spec: PretrainSpec, out: Path, final_state: dict[str, Any], follower
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.json").write_text(spec.model_dump_json(indent=2))
     _write_records(out / "metrics.jsonl", follower.records)
-    backbone, _ = build_backbone(spec.model)
-    backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in final_state["query"].items()
-                              if k.startswith("backbone.")})
+    backbone, _ = backbone_from_state(final_state, "the final checkpoint")
     state = follower.state or RunState(out_dir=out, epochs=spec.optim.epochs, steps_per_epoch=0)
     state.final = final_state.get("metrics", {})
     save_encoder(out / "encoder.pt", backbone, spec.model,

@@ -184,3 +184,13 @@ def test_reconcile_follows_ray_to_the_end_and_keeps_the_result(tmp_path):
     done = store.get(job.id)
     assert done.status == "succeeded" and done.result["registry_uri"] == "models:/x@candidate"
     assert store.unfinished() == []
+
+
+def test_reading_a_job_that_just_finished_records_its_result(make_client):
+    runner = FakeRunner()
+    with make_client(runner) as c:
+        job = c.post("/v1/jobs", json=SPEC, headers=AUTH).json()
+        runner.state = "succeeded"
+        runner.logs = lambda sid: '{"registry_uri": "models:/y@candidate"}\n'
+        done = c.get(f"/v1/jobs/{job['id']}", headers=AUTH).json()
+        assert done["status"] == "succeeded" and done["result"]["registry_uri"] == "models:/y@candidate"
