@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test experiment bench bench-ray clean
+.PHONY: install run test experiment bench bench-ray bench-api clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,10 +13,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The main job on embedded defaults: LeOCLR pretraining on the built-in synthetic data, on a local
-# Ray, tracked and registered in MLflow under ~/.leoclr (LEOCLR_DATA_DIR).
+# The main job through the product: start the service on embedded defaults (a Ray head on 127.0.0.1,
+# MLflow and the job store under ~/.leoclr = LEOCLR_DATA_DIR), submit the demo over REST, follow it,
+# print its k-NN accuracy and the registered model, stop the service. Ctrl-C cancels and stops all.
 run: $(STAMP)
-	$(VENV)/bin/leoclr pretrain configs/demo.yaml
+	$(VENV)/bin/leoclr submit configs/demo.yaml --serve
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -30,6 +31,10 @@ bench: $(STAMP)
 # The Ray path against the in-process engine, same config, side by side.
 bench-ray: $(STAMP)
 	$(PY) -m leoclr_core.distributed.bench --epochs 3 --set data.num_images=4096
+
+# Status reads per second and their latency, against a service started for the run.
+bench-api: $(STAMP)
+	$(PY) -m service.loadtest
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -167,6 +167,18 @@ def _pretrain(spec: PretrainSpec, out: Path, local: bool = False, device: Option
                            **{k: v for k, v in final.items() if k != 'type'}}))
 
 
+def _sigterm_interrupts() -> None:
+    """SIGTERM (the service cancelling a Ray Job, a pod stopping) ends the run as Ctrl-C does, so its
+    MLflow run is closed as KILLED rather than left RUNNING. Set after ray.init, whose own handler
+    would otherwise only log the signal."""
+    import signal
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def _pretrain_on_ray(spec: PretrainSpec, out: Path) -> tuple[dict, dict]:
     from .distributed.pretrain import cluster_cpus_needed, run_pretrain
     from .distributed.session import ray_session
@@ -175,6 +187,7 @@ def _pretrain_on_ray(spec: PretrainSpec, out: Path) -> tuple[dict, dict]:
     try:
         with ray_session(cluster_cpus_needed(spec), log_to_driver=not terminal) as address:
             console.print(f"Ray: {address}")
+            _sigterm_interrupts()
             run = _run_with_progress(lambda cb: run_pretrain(spec, callbacks=cb, out_dir=out))
     except (ValueError, FileNotFoundError) as exc:
         _fail(exc)
@@ -218,6 +231,7 @@ def _evaluate(spec: EvaluateSpec, local: bool = False, device: Optional[str] = N
             from .distributed.session import ray_session
 
             with ray_session(spec.scaling.cpus_per_worker):
+                _sigterm_interrupts()
                 result = run_evaluate(spec)
     except (ValueError, FileNotFoundError) as exc:
         _fail(exc)
@@ -266,6 +280,193 @@ def serve(
             head.stop()
 
 
+# ---------------------------------------------------------------- client of the REST API
+def _api(fn):
+    """Run fn(client); an API error (refused, unreachable, no token) is one red line and exit 1."""
+    from service.client import ApiClient, ApiError
+
+    try:
+        return fn(ApiClient())
+    except ApiError as exc:
+        _fail(exc)
+
+
+class JobView:
+    """A service job as it runs: a progress bar on a terminal, a line per epoch elsewhere."""
+
+    def __init__(self) -> None:
+        self.terminal = console.is_terminal or _force_progress()
+        self.progress = make_progress() if self.terminal else None
+        self.task, self.status, self.epoch = None, None, None
+
+    def __enter__(self) -> "JobView":
+        if self.progress is not None:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def update(self, job: dict) -> None:
+        if job["status"] != self.status:
+            self.status = job["status"]
+            console.print(f"job {job['id']}: {self.status}")
+        p = job.get("progress") or {}
+        if not p.get("total_steps"):
+            return
+        fields = {"epoch": f"{p.get('epoch') or 0}/{p.get('epochs')}",
+                  "loss": f"{p['loss']:.3f}" if p.get("loss") is not None else "-",
+                  "ips": f"{p['instances_per_s']:.0f}" if p.get("instances_per_s") else "-",
+                  "knn": f"{p['knn_top1']:.1f}" if p.get("knn_top1") is not None else "-"}
+        if self.progress is not None:
+            if self.task is None:
+                self.task = self.progress.add_task("job", total=p["total_steps"], **fields)
+            self.progress.update(self.task, completed=p.get("step") or 0, **fields)
+        elif p.get("epoch") != self.epoch:
+            self.epoch = p.get("epoch")
+            eta = f"  ETA {p['eta_seconds']:.0f} s" if p.get("eta_seconds") is not None else ""
+            console.print(f"epoch {fields['epoch']}  step {p.get('step')}/{p['total_steps']}  loss {fields['loss']}  "
+                          f"{fields['ips']} inst/s  k-NN {fields['knn']}{eta}")
+
+
+def _follow(client: Any, job: dict) -> dict:
+    """Follow a job to its end; Ctrl-C cancels it (and waits for Ray to stop it)."""
+    try:
+        with JobView() as view:
+            return client.wait(job["id"], on_update=view.update)
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted: cancelling job {job['id']}[/yellow]")
+        try:
+            client.cancel(job["id"])
+        except Exception as exc:  # noqa: BLE001 - already finished, or the API went away
+            console.print(f"cancel: {exc}")
+        raise typer.Exit(130) from None
+
+
+def _report(job: dict) -> None:
+    result, p = job.get("result") or {}, job.get("progress") or {}
+    if job["status"] != "succeeded":
+        console.print(f"[red]job {job['id']} {job['status']}[/red]" + (f":\n{job['error']}" if job.get("error") else ""))
+        typer.echo(json.dumps({"id": job["id"], "status": job["status"]}))
+        raise typer.Exit(1)
+    knn = result.get("knn_top1", p.get("knn_top1"))
+    if job["kind"] == "pretrain":
+        console.print(f"final k-NN top-1: [bold]{knn:.2f}%[/bold]" if knn is not None else "final k-NN top-1: n/a")
+    if result.get("registry_uri"):
+        console.print(f"registered: [bold]{result['registry_uri']}[/bold] (version {result.get('model_version')}); "
+                      f"load with mlflow.pytorch.load_model(\"{result['registry_uri']}\")")
+    if p.get("mlflow_run_url"):
+        console.print(f"MLflow run: {p['mlflow_run_url']}")
+    typer.echo(json.dumps({"id": job["id"], "status": job["status"], **result}))
+
+
+@app.command()
+def submit(
+    spec_path: Path = typer.Argument(..., help="A job spec (YAML or JSON): pretrain or evaluate."),
+    overrides: Optional[list[str]] = SetOption,
+    follow: bool = typer.Option(False, "--follow", "-f", help="Follow the job to its end (Ctrl-C cancels it)."),
+    serve_: bool = typer.Option(
+        False, "--serve", help="Start the service on embedded defaults for this job and stop it after (implies --follow)."),
+    idempotency_key: Optional[str] = typer.Option(None, help="Submitting again with the same key returns the same job."),
+) -> None:
+    """Submit a job to the REST API (LEOCLR_API_URL); print its id, or follow it with --follow."""
+    try:
+        spec = load_spec(spec_path, overrides or [])
+    except SpecError as exc:
+        _fail(exc, code=2)
+    body = spec.model_dump(mode="json")
+
+    def go(client: Any) -> None:
+        job = client.submit(body, idempotency_key)
+        console.print(f"submitted job [bold]{job['id']}[/bold] ({spec.kind} '{spec.name}') to {client.url}")
+        if follow or serve_:
+            _report(_follow(client, job))
+        else:
+            typer.echo(job["id"])
+
+    if not serve_:
+        return _api(go)
+    import os
+
+    from service.client import ApiError
+    from service.embedded import embedded_service
+
+    cpus = None
+    if spec.kind == "pretrain":
+        from .distributed.pretrain import cluster_cpus_needed
+
+        cpus = max(os.cpu_count() or 1, int(-(-cluster_cpus_needed(spec) // 1)))
+    console.print("starting the service (embedded Ray head, MLflow and job store under LEOCLR_DATA_DIR) ...")
+    try:
+        with embedded_service(cpus) as client:
+            console.print(f"service at {client.url}")
+            go(client)
+    except typer.Exit:  # click's Exit is a RuntimeError: let it through with its code
+        raise
+    except (ApiError, RuntimeError) as exc:
+        _fail(exc)
+
+
+@app.command()
+def status(job_id: Optional[str] = typer.Argument(None, help="A job id; none: list the latest jobs."),
+           follow: bool = typer.Option(False, "--follow", "-f", help="Follow the job to its end.")) -> None:
+    """A job's status and progress (JSON), or a table of the latest jobs."""
+    def go(client: Any) -> None:
+        if job_id is None:
+            table = Table("id", "kind", "name", "status", "created")
+            for j in client.jobs()["items"]:
+                table.add_row(j["id"], j["kind"], j["name"], j["status"], j["created_at"][:19])
+            console.print(table)
+            return
+        job = _follow(client, client.job(job_id)) if follow else client.job(job_id)
+        typer.echo(json.dumps(job, indent=2))
+    _api(go)
+
+
+@app.command()
+def logs(job_id: str = typer.Argument(..., help="A job id."),
+         follow: bool = typer.Option(False, "--follow", "-f", help="Stream the log until the job ends."),
+         tail: int = typer.Option(200, help="Lines from the end (without --follow).")) -> None:
+    """The job driver's log (Ray Job logs)."""
+    def go(client: Any) -> None:
+        if follow:
+            for chunk in client.follow_logs(job_id):
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
+        else:
+            sys.stdout.write(client.logs(job_id, tail))
+    _api(go)
+
+
+@app.command()
+def cancel(job_id: str = typer.Argument(..., help="A job id.")) -> None:
+    """Cancel a queued or running job (its Ray job is stopped)."""
+    _api(lambda client: console.print(f"job {job_id}: {client.cancel(job_id)['status']}"))
+
+
+@app.command()
+def models() -> None:
+    """Registered encoders: versions, aliases and the metrics of the job that made each."""
+    def go(client: Any) -> None:
+        table = Table("model", "version", "aliases", "k-NN top-1", "job", "load with")
+        for m in client.models():
+            for v in m["versions"]:
+                knn = v["metrics"].get("knn_top1")
+                table.add_row(m["name"], v["version"], ",".join(v["aliases"]), f"{knn:.2f}" if knn is not None else "",
+                              v.get("job_id") or "", f"models:/{m['name']}@{v['aliases'][0]}" if v["aliases"] else v["uri"])
+        console.print(table)
+    _api(go)
+
+
+@app.command()
+def alias(name: str = typer.Argument(..., help="A registered model."),
+          alias_: str = typer.Argument(..., metavar="ALIAS", help="The alias to set or move, e.g. champion."),
+          version: str = typer.Argument(..., help="The version it should point at.")) -> None:
+    """Point an alias of a registered model at a version (e.g. promote a candidate to champion)."""
+    _api(lambda client: console.print(f"{name}: aliases {client.set_alias(name, alias_, version)['aliases']}"))
+
+
 @app.command("run-job")
 def run_job() -> None:
     """Run the job spec in $LEOCLR_JOB_SPEC (JSON) on the Ray cluster this process is in.
@@ -275,13 +476,15 @@ def run_job() -> None:
     """
     import os
 
-    raw = os.environ.get("LEOCLR_JOB_SPEC")
+    from .contract import ENV_JOB_SPEC
+
+    raw = os.environ.get(ENV_JOB_SPEC)
     if not raw:
-        _fail("LEOCLR_JOB_SPEC is not set: it must hold the job spec as JSON", code=2)
+        _fail(f"{ENV_JOB_SPEC} is not set: it must hold the job spec as JSON", code=2)
     try:
         spec = parse_spec(json.loads(raw))  # type: ignore[arg-type]
     except (json.JSONDecodeError, SpecError) as exc:
-        _fail(f"LEOCLR_JOB_SPEC: {exc}", code=2)
+        _fail(f"{ENV_JOB_SPEC}: {exc}", code=2)
     from .settings import core_settings
 
     if not spec.output_dir:  # a job's driver runs in a Ray-chosen folder: keep the run with the data

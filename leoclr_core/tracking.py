@@ -11,6 +11,7 @@ global "active run", so that a Ray worker and its driver can log to the same run
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ import torch
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
+from . import contract
+from .contract import TAG_JOB, TAG_KIND, TAG_STORAGE
 from .model import ImageEncoder
 from .settings import CoreSettings, core_settings
 from .spec import DataSpec, ModelSpec, PretrainSpec, RegisterSpec, flatten
@@ -29,9 +32,6 @@ from .train import Callbacks, RunState
 
 log = logging.getLogger(__name__)
 
-TAG_JOB = "leoclr.job"
-TAG_KIND = "leoclr.kind"
-TAG_STORAGE = "leoclr.storage"
 ENCODER_ARTIFACT = "encoder"
 
 
@@ -92,25 +92,24 @@ def start_job_run(spec: PretrainSpec, storage: str, *, settings: CoreSettings | 
         if found and found[0].info.status != RunStatus.to_string(RunStatus.FINISHED):
             run_id = found[0].info.run_id
             c.update_run(run_id, status="RUNNING")
+            for k, v in _service_tags().items():  # a resubmitted job: the service finds it by its new id
+                c.set_tag(run_id, k, v)
             return run_id
-    tags = {TAG_JOB: spec.name, TAG_KIND: spec.kind, TAG_STORAGE: storage, **(extra_tags or {})}
+    tags = {TAG_JOB: spec.name, TAG_KIND: spec.kind, TAG_STORAGE: storage, **_service_tags(), **(extra_tags or {})}
     run = c.create_run(exp, run_name=spec.name, tags=tags)
     _log_params(c, run.info.run_id, spec)
     return run.info.run_id
 
 
-def end_run(run_id: str, ok: bool, settings: CoreSettings | None = None) -> None:
-    client(settings).set_terminated(run_id, "FINISHED" if ok else "FAILED")
+def _service_tags() -> dict[str, str]:
+    """The service's job id, when this driver is a service job, so the API can find the run."""
+    job = os.environ.get(contract.ENV_JOB_ID)
+    return {contract.TAG_SERVICE_JOB: job} if job else {}
 
 
-def run_url(run_id: str, settings: CoreSettings | None = None) -> str:
-    """A link for humans: the UI page on a tracking server, the run's id on a local store."""
-    s = settings or core_settings()
-    uri = s.tracking_uri
-    if uri.startswith(("http://", "https://")):
-        run = client(s).get_run(run_id)
-        return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
-    return f"runs:/{run_id}"
+def end_run(run_id: str, status: str = "FINISHED", settings: CoreSettings | None = None) -> None:
+    """`status`: FINISHED, FAILED or KILLED (a cancelled job)."""
+    client(settings).set_terminated(run_id, status)
 
 
 def _metric_key(name: str) -> str:
@@ -133,6 +132,8 @@ class MlflowCallbacks(Callbacks):
 
     def __init__(self, run_id: str, *, log_checkpoints: bool = True, settings: CoreSettings | None = None):
         self.client, self.run_id, self.log_checkpoints = client(settings), run_id, log_checkpoints
+        self.total = self.epochs = self.first_step = 0
+        self.started = time.monotonic()
 
     def _safe(self, what: str, fn, *args) -> None:
         # A tracking hiccup (a locked SQLite file, a restarting server) must not kill a training run.
@@ -141,15 +142,34 @@ class MlflowCallbacks(Callbacks):
         except Exception as exc:  # noqa: BLE001 - logged and survived on purpose
             log.warning("MLflow %s failed for run %s: %s", what, self.run_id, exc)
 
+    def on_start(self, state: RunState) -> None:
+        self.epochs, self.total = state.epochs, state.epochs * state.steps_per_epoch
+        self.first_step, self.started = state.start_epoch * state.steps_per_epoch, time.monotonic()
+        progress = {contract.M_TOTAL: self.total, contract.M_EPOCHS: self.epochs, contract.M_STEP: self.first_step,
+                    contract.M_EPOCH: state.start_epoch}
+        self._safe("progress", log_metrics, self.client, self.run_id, progress, self.first_step)
+
+    def _progress(self, step: int, epoch: int) -> dict[str, float]:
+        values = {contract.M_STEP: step, contract.M_EPOCH: epoch}
+        done = step - self.first_step
+        if self.total and done > 0:  # the rate of this (possibly resumed) attempt, start-up included
+            values[contract.M_ETA] = (self.total - step) * (time.monotonic() - self.started) / done
+        return values
+
     def on_log(self, record: dict[str, Any]) -> None:
-        values = {k: record[k] for k in self.STEP_KEYS if k in record}
-        self._safe("step metrics", log_metrics, self.client, self.run_id, values, record["step"], "train/")
+        step = record["step"]
+        values = {f"train/{k}": record[k] for k in self.STEP_KEYS if k in record}
+        values.update(self._progress(step, record.get("epoch", 0)))
+        self._safe("step metrics", log_metrics, self.client, self.run_id, values, step)
 
     def on_epoch(self, record: dict[str, Any], state: RunState) -> None:
         values = {k: v for k, v in record.items() if k not in self.EPOCH_SKIP}
         top = {k: values.pop(k) for k in list(values) if k.startswith(("knn", "linear")) or k == "skipped_files"}
         self._safe("epoch metrics", log_metrics, self.client, self.run_id, values, record["epoch"], "epoch/")
         self._safe("eval metrics", log_metrics, self.client, self.run_id, top, record["epoch"])
+        # An epoch shorter than a log window has no step record: progress moves here too.
+        self._safe("progress", log_metrics, self.client, self.run_id, self._progress(record["step"], record["epoch"]),
+                   record["step"])
 
     def on_checkpoint(self, path: Path, epoch: int) -> None:
         """The newest checkpoint, overwritten in place: the run's artifacts stay the size of one
@@ -226,7 +246,9 @@ def log_encoder(
         for k, v in (metrics or {}).items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 c.set_model_version_tag(register.model_name, version, f"metric.{k}", str(v))
-        c.set_model_version_tag(register.model_name, version, "leoclr.run_id", run_id)
+        c.set_model_version_tag(register.model_name, version, contract.TAG_RUN_ID, run_id)
+        for k, v in _service_tags().items():
+            c.set_model_version_tag(register.model_name, version, k, v)
         c.update_model_version(
             register.model_name, version,
             description=(f"LeOCLR {model.backbone} encoder. Load with mlflow.pytorch.load_model("
@@ -273,7 +295,7 @@ def log_evaluation(spec_name: str, spec: Any, results: dict[str, Any], encoder_u
     c = client(settings)
     exp = ensure_experiment(c, spec_name, settings)
     run = c.create_run(exp, run_name=spec_name, tags={TAG_JOB: spec_name, TAG_KIND: "evaluate",
-                                                       "leoclr.encoder": encoder_uri})
+                                                       "leoclr.encoder": encoder_uri, **_service_tags()})
     _log_params(c, run.info.run_id, spec)
     log_metrics(c, run.info.run_id, results, step=0)
     version = resolve_version(encoder_uri, settings)

@@ -7,18 +7,26 @@ file shared with the API. `leoclr run-job` reads it and runs the job on the clus
 from __future__ import annotations
 
 import json
-from typing import Any, Protocol
+from typing import Any, AsyncIterator, Protocol
+
+from leoclr_core.contract import ENV_JOB_ID, ENV_JOB_SPEC
 
 # Ray job statuses -> ours. PENDING: accepted, driver not started yet.
 STATUS_MAP = {"PENDING": "queued", "RUNNING": "running", "SUCCEEDED": "succeeded", "FAILED": "failed",
               "STOPPED": "cancelled"}
 
 
+# A cancelled driver gets SIGTERM, then SIGKILL this much later (Ray's default, 3 s, is too short for
+# it to close its MLflow run and let Ray Train tear its workers down).
+STOP_GRACE_S = "20"
+
+
 class Runner(Protocol):
     def submit(self, job_id: str, spec: dict[str, Any]) -> str: ...
     def status(self, submission_id: str) -> str: ...
-    def stop(self, submission_id: str) -> None: ...
+    def stop(self, submission_id: str) -> bool: ...  # False: the job had already ended
     def logs(self, submission_id: str) -> str: ...
+    def tail(self, submission_id: str) -> AsyncIterator[str]: ...
 
 
 class RayJobsRunner:
@@ -35,15 +43,19 @@ class RayJobsRunner:
         return self.client.submit_job(
             entrypoint=self.entrypoint,
             submission_id=f"leoclr-{job_id}",
-            runtime_env={"env_vars": {**self.env, "LEOCLR_JOB_SPEC": json.dumps(spec), "LEOCLR_JOB_ID": job_id}},
+            runtime_env={"env_vars": {**self.env, "RAY_JOB_STOP_WAIT_TIME_S": STOP_GRACE_S, ENV_JOB_SPEC: json.dumps(spec), ENV_JOB_ID: job_id}},
             metadata={"leoclr_job": job_id, "kind": str(spec.get("kind")), "name": str(spec.get("name"))},
         )
 
     def status(self, submission_id: str) -> str:
         return STATUS_MAP.get(str(self.client.get_job_status(submission_id)).split(".")[-1], "running")
 
-    def stop(self, submission_id: str) -> None:
-        self.client.stop_job(submission_id)
+    def stop(self, submission_id: str) -> bool:
+        return bool(self.client.stop_job(submission_id))
 
     def logs(self, submission_id: str) -> str:
         return self.client.get_job_logs(submission_id)
+
+    def tail(self, submission_id: str) -> AsyncIterator[str]:
+        """The driver's log as it is written, until the job ends (Ray streams it over a websocket)."""
+        return self.client.tail_job_logs(submission_id)

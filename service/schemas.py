@@ -5,7 +5,26 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Progress(BaseModel):
+    """Where a job stands, from the metrics its rank-0 worker logs to MLflow."""
+
+    epoch: int | None = None
+    epochs: int | None = None
+    step: int | None = None
+    total_steps: int | None = None
+    fraction: float | None = None
+    instances_per_s: float | None = None
+    eta_seconds: float | None = None
+    loss: float | None = None
+    knn_top1: float | None = Field(None, description="Latest k-NN top-1 accuracy (%), if the job measures it.")
+    metrics: dict[str, float] = Field(default_factory=dict, description="Other latest metrics (evaluate results).")
+    mlflow_run_id: str | None = None
+    mlflow_run_url: str | None = None
+    model_version: str | None = None
+    model_uri: str | None = None
 
 
 class JobOut(BaseModel):
@@ -17,6 +36,7 @@ class JobOut(BaseModel):
     status: str
     error: str | None = None
     result: dict[str, Any] | None = None  # the driver's final JSON line: metrics, registry URI
+    progress: Progress | None = None  # on GET /v1/jobs/{id}, once the job has an MLflow run
     created_at: datetime
     updated_at: datetime
     spec: dict[str, Any]
@@ -27,3 +47,44 @@ class JobList(BaseModel):
     total: int
     limit: int
     offset: int
+
+
+class MetricPoint(BaseModel):
+    step: int
+    value: float
+    timestamp: int  # ms since the epoch
+
+
+class MetricHistory(BaseModel):
+    mlflow_run_id: str
+    metrics: dict[str, list[MetricPoint]]
+
+
+class ModelVersion(BaseModel):
+    version: str
+    uri: str
+    run_id: str | None = None
+    job_id: str | None = None
+    status: str | None = None
+    aliases: list[str] = []
+    created_at: int | None = None
+    metrics: dict[str, float] = Field(default_factory=dict, description="Final metrics of the job that made it.")
+    evaluations: dict[str, float] = Field(default_factory=dict, description="<evaluate job>.<metric> results.")
+
+
+class Model(BaseModel):
+    name: str
+    description: str | None = None
+    aliases: dict[str, str] = Field(default_factory=dict, description="alias -> version")
+    versions: list[ModelVersion]
+
+
+class ModelList(BaseModel):
+    items: list[Model]
+
+
+class AliasIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    alias: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
+    version: str = Field(..., pattern=r"^[0-9]+$", max_length=12)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import AliasChoices, Field
@@ -28,6 +29,22 @@ class ServiceSettings(CoreSettings):
         description="Ray Jobs API (the dashboard's HTTP address, e.g. http://ray-head:8265); unset: "
                     "an embedded Ray head is started on 127.0.0.1.",
     )
+
+    data_roots: str | None = Field(
+        default=None, validation_alias=AliasChoices("LEOCLR_DATA_ROOTS"),
+        description="Folders a job submitted over the API may read data from (separated by ':'); "
+                    "default <data dir>/datasets.",
+    )
+    api_url: str = Field(
+        default="http://127.0.0.1:8000", validation_alias=AliasChoices("LEOCLR_API_URL"),
+        description="Where the client commands (leoclr submit, status, logs, cancel, models) find the API.",
+    )
+
+    @property
+    def allowed_data_roots(self) -> list[Path]:
+        if not self.data_roots:
+            return [self.home / "datasets"]
+        return [Path(p).expanduser().resolve() for p in self.data_roots.split(os.pathsep) if p]
 
     @property
     def job_database_url(self) -> str:

@@ -19,6 +19,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED = ("succeeded", "failed", "cancelled")
+KINDS = ("pretrain", "evaluate")
 
 
 class Base(DeclarativeBase):
@@ -95,6 +96,12 @@ class JobStore:
                 setattr(job, k, v)
             s.commit()
             return job
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        """{(status, kind): number of jobs}."""
+        with self.sessions() as s:
+            rows = s.execute(select(Job.status, Job.kind, func.count()).group_by(Job.status, Job.kind)).all()
+            return {(st, kind): n for st, kind, n in rows}
 
     def unfinished(self) -> list[Job]:
         with self.sessions() as s:

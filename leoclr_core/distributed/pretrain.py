@@ -295,7 +295,7 @@ def run_pretrain(
     # Ray Train v2 resumes a run re-run under the same name and storage; resume: false gets a fresh name.
     run_name = spec.name if spec.checkpoint.resume else f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_id = tracking.start_job_run(spec, f"{storage}/{run_name}", settings=s)
-    ok = False
+    outcome = "FAILED"
     try:
         counter = SkipCounter.remote() if spec.data.source in ("imagefolder", "parquet") else None
         dataset, num_images = build_dataset(spec, counter)
@@ -333,10 +333,13 @@ def run_pretrain(
                       model_version=run.encoder.version if run.encoder else None,
                       restarts=run.restarts, epochs_redone=run.epochs_redone, seconds=run.seconds,
                       worker_nodes=run.worker_nodes, resumed_from=run.resumed_from)
-        ok = True
+        outcome = "FINISHED"
         return run
+    except KeyboardInterrupt:  # Ctrl-C, or the service cancelling the job (its driver gets SIGTERM)
+        outcome = "KILLED"
+        raise
     finally:
-        tracking.end_run(run_id, ok, settings=s)
+        tracking.end_run(run_id, outcome, settings=s)
 
 
 def _export(spec: PretrainSpec, out: Path, final_state: dict[str, Any], follower: _Follower, run_id: str,

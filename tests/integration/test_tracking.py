@@ -29,7 +29,7 @@ def test_a_resumed_job_continues_its_unfinished_run_and_a_finished_one_starts_an
     assert tracking.start_job_run(spec, "/storage/resume-me", settings=settings) == first
     # another storage path is another job's run
     assert tracking.start_job_run(spec, "/elsewhere/resume-me", settings=settings) != first
-    tracking.end_run(first, ok=True, settings=settings)
+    tracking.end_run(first, "FINISHED", settings=settings)
     assert tracking.start_job_run(spec, "/storage/resume-me", settings=settings) != first
 
 

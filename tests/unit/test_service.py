@@ -30,16 +30,24 @@ class FakeRunner:
 
     def stop(self, submission_id):
         self.stopped.append(submission_id)
+        return self.state not in ("succeeded", "failed", "cancelled")
 
     def logs(self, submission_id):
-        return ""
+        return self.log_text
+
+    log_text = ""
+
+    async def tail(self, submission_id):
+        for line in self.log_text.splitlines(keepends=True):
+            yield line
 
 
 @pytest.fixture()
 def make_client(tmp_path):
     def make(runner=None, **settings):
         s = ServiceSettings(data_dir=tmp_path, api_token="secret-token", **settings)
-        return TestClient(create_app(s, runner if runner is not None else FakeRunner()))
+        # fresh_s=0: every read asks the runner, as these tests change its answers between reads
+        return TestClient(create_app(s, runner if runner is not None else FakeRunner(), fresh_s=0))
     return make
 
 
@@ -194,3 +202,214 @@ def test_reading_a_job_that_just_finished_records_its_result(make_client):
         runner.logs = lambda sid: '{"registry_uri": "models:/y@candidate"}\n'
         done = c.get(f"/v1/jobs/{job['id']}", headers=AUTH).json()
         assert done["status"] == "succeeded" and done["result"]["registry_uri"] == "models:/y@candidate"
+
+
+def test_a_huge_chunked_body_without_a_length_is_413(make_client):
+    def chunks():
+        yield b'{"kind": "pretrain", "pad": "'
+        for _ in range(10):
+            yield b"y" * 500
+        yield b'"}'
+
+    with make_client(max_body_bytes=1000) as c:
+        r = c.post("/v1/jobs", content=chunks(), headers={**AUTH, "Content-Type": "application/json"})
+        assert r.status_code == 413 and "1000 bytes" in r.json()["detail"]
+
+
+def test_a_wrong_type_is_422_naming_the_field(make_client):
+    with make_client() as c:
+        r = c.post("/v1/jobs", json={**SPEC, "optim": {"epochs": "many"}}, headers=AUTH)
+        assert r.status_code == 422 and "optim.epochs" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("field, spec", [
+    ("data.path", {"data": {"source": "imagefolder", "path": "/etc"}}),
+    ("data.path", {"data": {"source": "imagefolder", "path": "{home}/datasets/../../etc"}}),
+    ("data.path", {"data": {"source": "imagefolder", "path": "file:///etc"}}),
+    ("output_dir", {"output_dir": "/tmp/elsewhere"}),
+    ("checkpoint.storage_path", {"checkpoint": {"storage_path": "/var/tmp/ckpt"}}),
+])
+def test_a_spec_may_not_reach_outside_the_data_roots(make_client, tmp_path, field, spec):
+    spec = {k: {kk: vv.replace("{home}", str(tmp_path)) if isinstance(vv, str) else vv for kk, vv in v.items()}
+            if isinstance(v, dict) else v for k, v in spec.items()}
+    runner = FakeRunner()
+    with make_client(runner) as c:
+        r = c.post("/v1/jobs", json={**SPEC, **spec, "data": {**SPEC["data"], **spec.get("data", {})}}, headers=AUTH)
+        assert r.status_code == 422 and r.json()["detail"].startswith(field), r.text
+        assert runner.submitted == [] and c.get("/v1/jobs", headers=AUTH).json()["total"] == 0
+
+
+def test_data_under_a_configured_root_is_accepted(make_client, tmp_path):
+    (tmp_path / "imgs").mkdir()
+    with make_client(data_roots=str(tmp_path / "imgs")) as c:
+        data = {**SPEC["data"], "source": "imagefolder", "path": str(tmp_path / "imgs")}
+        assert c.post("/v1/jobs", json={**SPEC, "data": data}, headers=AUTH).status_code == 201
+        ev = {"kind": "evaluate", "name": "ev", "encoder": {"model_uri": "/etc/model"}}
+        r = c.post("/v1/jobs", json=ev, headers=AUTH)
+        assert r.status_code == 422 and r.json()["detail"].startswith("encoder.model_uri")
+
+
+def test_cancel_of_a_job_that_ray_already_finished_is_409_with_its_real_status(make_client):
+    runner = FakeRunner()
+    with make_client(runner) as c:
+        job = c.post("/v1/jobs", json=SPEC, headers=AUTH).json()
+        runner.state = "succeeded"
+        r = c.post(f"/v1/jobs/{job['id']}/cancel", headers=AUTH)
+        assert r.status_code == 409 and "succeeded" in r.json()["detail"]
+        assert c.get(f"/v1/jobs/{job['id']}", headers=AUTH).json()["status"] == "succeeded"
+
+
+def test_logs_tail_and_follow(make_client):
+    runner = FakeRunner()
+    runner.log_text = "".join(f"line {i}\n" for i in range(10))
+    with make_client(runner) as c:
+        job = c.post("/v1/jobs", json=SPEC, headers=AUTH).json()
+        r = c.get(f"/v1/jobs/{job['id']}/logs", params={"tail": 3}, headers=AUTH)
+        assert r.status_code == 200 and r.text == "line 7\nline 8\nline 9\n"
+        with c.stream("GET", f"/v1/jobs/{job['id']}/logs", params={"follow": True}, headers=AUTH) as s:
+            assert s.status_code == 200 and "".join(s.iter_text()) == runner.log_text
+        assert c.get("/v1/jobs/nope/logs", headers=AUTH).status_code == 404
+
+
+def test_logs_of_a_job_not_yet_on_ray_is_409(make_client):
+    with make_client(FakeRunner(fail=True)) as c:
+        job = c.post("/v1/jobs", json=SPEC, headers=AUTH).json()
+        r = c.get(f"/v1/jobs/{job['id']}/logs", headers=AUTH)
+        assert r.status_code == 409 and "not reached Ray" in r.json()["detail"]
+
+
+def _mlflow(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    return uri, MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def test_progress_and_history_come_from_the_jobs_mlflow_run(make_client, tmp_path):
+    from leoclr_core import contract
+
+    uri, ml = _mlflow(tmp_path)
+    runner = FakeRunner()
+    with make_client(runner, mlflow_tracking_uri=uri) as c:
+        job = c.post("/v1/jobs", json=SPEC, headers=AUTH).json()
+        assert c.get(f"/v1/jobs/{job['id']}", headers=AUTH).json()["progress"] is None  # no run yet
+        assert c.get(f"/v1/jobs/{job['id']}/metrics", headers=AUTH).status_code == 404
+        exp = ml.create_experiment(SPEC["name"])
+        other = ml.create_run(exp, tags={contract.TAG_SERVICE_JOB: "someone-else"}).info.run_id
+        ml.log_metric(other, contract.M_STEP, 99)
+        run = ml.create_run(exp, tags={contract.TAG_SERVICE_JOB: job["id"]}).info.run_id
+        for step in (10, 20):
+            ml.log_metric(run, contract.M_STEP, step, step=step)
+            ml.log_metric(run, contract.M_LOSS, 5.0 - step / 10, step=step)
+        for k, v in {contract.M_TOTAL: 80, contract.M_EPOCH: 3, contract.M_EPOCHS: 8, contract.M_IPS: 1500.0,
+                     contract.M_ETA: 42.0, contract.M_KNN: 31.5}.items():
+            ml.log_metric(run, k, v, step=20)
+        p = c.get(f"/v1/jobs/{job['id']}", headers=AUTH).json()["progress"]
+        assert (p["step"], p["total_steps"], p["fraction"], p["epoch"], p["epochs"]) == (20, 80, 0.25, 3, 8)
+        assert (p["loss"], p["instances_per_s"], p["eta_seconds"], p["knn_top1"]) == (3.0, 1500.0, 42.0, 31.5)
+        assert p["mlflow_run_id"] == run and p["mlflow_run_url"] == f"runs:/{run}"
+        h = c.get(f"/v1/jobs/{job['id']}/metrics", params={"key": contract.M_LOSS}, headers=AUTH).json()
+        assert [(x["step"], x["value"]) for x in h["metrics"][contract.M_LOSS]] == [(10, 4.0), (20, 3.0)]
+        r = c.get(f"/v1/jobs/{job['id']}/metrics", params={"key": "nope"}, headers=AUTH)
+        assert r.status_code == 404 and "nope" in r.json()["detail"]
+
+
+def test_models_list_versions_with_their_metrics_and_an_alias_moves(make_client, tmp_path):
+    from leoclr_core import contract
+
+    uri, ml = _mlflow(tmp_path)
+    ml.create_registered_model("enc")
+    for i in (1, 2):
+        v = ml.create_model_version("enc", source=f"{tmp_path}/m{i}", run_id=None)
+        ml.set_model_version_tag("enc", v.version, "metric.knn_top1", str(50.0 + i))
+        ml.set_model_version_tag("enc", v.version, contract.TAG_SERVICE_JOB, f"job{i}")
+    ml.set_registered_model_alias("enc", "candidate", "2")
+    with make_client(mlflow_tracking_uri=uri) as c:
+        [model] = c.get("/v1/models", headers=AUTH).json()["items"]
+        assert model["name"] == "enc" and model["aliases"] == {"candidate": "2"}
+        latest = model["versions"][0]
+        assert (latest["version"], latest["job_id"], latest["metrics"]) == ("2", "job2", {"knn_top1": 52.0})
+        assert latest["uri"] == "models:/enc/2" and latest["aliases"] == ["candidate"]
+        r = c.post("/v1/models/enc/aliases", json={"alias": "champion", "version": "1"}, headers=AUTH)
+        assert r.status_code == 200 and r.json()["aliases"] == {"candidate": "2", "champion": "1"}
+        assert str(ml.get_model_version_by_alias("enc", "champion").version) == "1"
+        assert c.post("/v1/models/enc/aliases", json={"alias": "champion", "version": "9"},
+                      headers=AUTH).status_code == 404
+        assert c.post("/v1/models/nope/aliases", json={"alias": "champion", "version": "1"},
+                      headers=AUTH).status_code == 404
+        assert c.post("/v1/models/enc/aliases", json={"alias": "bad alias!", "version": "1"},
+                      headers=AUTH).status_code == 422
+        assert c.post("/v1/models/enc/aliases", json={"alias": "latest", "version": "1"},
+                      headers=AUTH).status_code == 422
+        assert c.get("/v1/models", headers={"Authorization": "Bearer x"}).status_code == 401
+
+
+def test_prometheus_metrics_count_requests_and_jobs(make_client):
+    with make_client() as c:
+        c.post("/v1/jobs", json=SPEC, headers=AUTH)
+        c.get("/v1/jobs/nope", headers=AUTH)
+        assert c.get("/metrics").status_code == 401
+        text = c.get("/metrics", headers=AUTH).text
+        assert 'leoclr_jobs{kind="pretrain",status="queued"} 1.0' in text
+        assert 'leoclr_http_requests_total{method="GET",route="/v1/jobs/{job_id}",status="404"} 1.0' in text
+
+
+@pytest.fixture()
+def cli(make_client, monkeypatch):
+    """`leoclr` client commands against the app, through the real ApiClient and a FakeRunner."""
+    from typer.testing import CliRunner
+
+    import service.client
+    from leoclr_core.cli import app
+
+    runner = FakeRunner()
+    with make_client(runner) as c:
+        c.headers.update(AUTH)
+        real = service.client.ApiClient
+        monkeypatch.setattr(service.client, "ApiClient", lambda *a, **k: real(http=c))
+        yield lambda *args: CliRunner().invoke(app, list(args)), runner
+
+
+def test_client_commands_submit_status_cancel(cli, tmp_path):
+    import json
+
+    invoke, runner = cli
+    spec = tmp_path / "job.json"
+    spec.write_text(json.dumps(SPEC))
+    r = invoke("submit", str(spec), "--set", "optim.epochs=3")
+    assert r.exit_code == 0, r.output
+    job_id = r.stdout.strip().splitlines()[-1]
+    assert runner.submitted[0][0] == job_id and runner.submitted[0][1]["optim"]["epochs"] == 3
+    r = invoke("status", job_id)
+    assert r.exit_code == 0 and json.loads(r.stdout)["status"] == "running"
+    assert invoke("cancel", job_id).exit_code == 0
+    r = invoke("cancel", job_id)
+    assert r.exit_code == 1 and "409" in r.output and "already cancelled" in r.output
+    r = invoke("status", "no-such-job")
+    assert r.exit_code == 1 and "404" in r.output
+
+
+def test_client_without_a_token_or_a_reachable_api_says_so(tmp_path, monkeypatch):
+    from service.client import ApiClient, ApiError
+
+    monkeypatch.delenv("LEOCLR_API_TOKEN", raising=False)
+    with pytest.raises(ApiError, match="no API token"):
+        ApiClient(settings=ServiceSettings(data_dir=tmp_path / "empty"))
+    client = ApiClient(url="http://127.0.0.1:9", token="t", settings=ServiceSettings(data_dir=tmp_path))
+    with pytest.raises(ApiError, match="cannot reach the API at http://127.0.0.1:9"):
+        client.jobs()
+
+
+def test_an_unfinished_jobs_view_is_reused_for_a_second(tmp_path):
+    runner = FakeRunner()
+    calls = []
+    status = runner.status
+    runner.status = lambda sid: calls.append(sid) or status(sid)
+    s = ServiceSettings(data_dir=tmp_path, api_token="secret-token")
+    with TestClient(create_app(s, runner, reconcile_interval=3600, fresh_s=60)) as c:
+        job = c.post("/v1/jobs", json=SPEC, headers=AUTH).json()
+        for _ in range(5):
+            assert c.get(f"/v1/jobs/{job['id']}", headers=AUTH).json()["status"] == "running"
+        assert len(calls) <= 2  # the first read (and at most one background pass), not five
+        assert c.post(f"/v1/jobs/{job['id']}/cancel", headers=AUTH).status_code == 200
+        assert c.get(f"/v1/jobs/{job['id']}", headers=AUTH).json()["status"] == "cancelled"

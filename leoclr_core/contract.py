@@ -1,0 +1,27 @@
+"""Names the training side writes and the service reads: MLflow tags, progress metrics, the
+environment a service job's driver gets. One place, no torch, so both sides import it."""
+
+from __future__ import annotations
+
+# Environment of a driver started by the service (a Ray Job).
+ENV_JOB_SPEC = "LEOCLR_JOB_SPEC"  # the job spec as JSON
+ENV_JOB_ID = "LEOCLR_JOB_ID"  # the service's job id, tagged on the job's MLflow run and model version
+
+# MLflow tags.
+TAG_JOB = "leoclr.job"  # the job's name
+TAG_KIND = "leoclr.kind"
+TAG_STORAGE = "leoclr.storage"
+TAG_SERVICE_JOB = "leoclr.service_job"  # the service's job id
+TAG_RUN_ID = "leoclr.run_id"  # on a model version: the run that made it
+
+# Metrics the service builds a job's progress from (logged by rank 0 with each step record).
+M_STEP, M_TOTAL, M_EPOCH, M_EPOCHS, M_ETA = (
+    "progress/step", "progress/total_steps", "progress/epoch", "progress/epochs", "progress/eta_s")
+M_LOSS, M_IPS, M_KNN = "train/loss", "train/instances_per_s", "knn_top1"
+
+
+def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """A link for humans: the UI page on a tracking server, the run's URI on a local store."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"runs:/{run_id}"

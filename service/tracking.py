@@ -1,0 +1,145 @@
+"""What the API reads from MLflow (and the one thing it writes: an alias). No torch here.
+
+A job's MLflow run is found by the tag its driver sets (`leoclr.service_job` = the job's id); its
+progress comes from the run's latest metrics, which rank 0 logs with every step record. The
+registry is read through the same client: models, their versions and aliases, and the metrics
+the job that made a version tagged on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from leoclr_core import contract
+
+log = logging.getLogger(__name__)
+
+
+class NotFound(LookupError):
+    pass
+
+
+def _num(metrics: dict[str, float], key: str, cast: type = float) -> Any:
+    v = metrics.get(key)
+    return None if v is None else cast(v)
+
+
+class Tracking:
+    def __init__(self, tracking_uri: str):
+        if tracking_uri.startswith("sqlite:///"):
+            from pathlib import Path
+
+            Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        self._runs: dict[str, str] = {}  # job id -> run id, found once
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ runs
+    def run_of(self, job_id: str, experiment: str) -> Run | None:
+        """The job's MLflow run (the experiment is the job's name), or None before its driver made one."""
+        with self._lock:
+            run_id = self._runs.get(job_id)
+        if run_id is not None:
+            return self.client.get_run(run_id)
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            return None
+        found = self.client.search_runs(
+            [exp.experiment_id], filter_string=f"tags.`{contract.TAG_SERVICE_JOB}` = '{job_id}'", max_results=1)
+        if not found:
+            return None
+        with self._lock:
+            self._runs[job_id] = found[0].info.run_id
+        return found[0]
+
+    def progress(self, job_id: str, experiment: str) -> dict[str, Any] | None:
+        try:
+            run = self.run_of(job_id, experiment)
+        except MlflowException as exc:  # tracking briefly unavailable: the job still reads
+            log.warning("MLflow read for job %s failed: %s", job_id, exc)
+            return None
+        if run is None:
+            return None
+        m = run.data.metrics
+        step, total = _num(m, contract.M_STEP, int), _num(m, contract.M_TOTAL, int)
+        return {
+            "epoch": _num(m, contract.M_EPOCH, int), "epochs": _num(m, contract.M_EPOCHS, int),
+            "step": step, "total_steps": total,
+            "fraction": round(step / total, 4) if step is not None and total else None,
+            "instances_per_s": _num(m, contract.M_IPS) if contract.M_IPS in m else _num(m, "epoch/instances_per_s"),
+            "eta_seconds": _num(m, contract.M_ETA),
+            "loss": _num(m, contract.M_LOSS) if contract.M_LOSS in m else _num(m, "epoch/loss"),
+            "knn_top1": _num(m, contract.M_KNN),
+            "metrics": {k: v for k, v in m.items() if not k.startswith(("train/", "progress/", "epoch/"))},
+            "mlflow_run_id": run.info.run_id,
+            "mlflow_run_url": contract.run_url(self.uri, run.info.experiment_id, run.info.run_id),
+        }
+
+    def history(self, job_id: str, experiment: str, keys: list[str] | None = None) -> dict[str, Any]:
+        """Every logged value of the run's metrics (all of them, or `keys`), oldest first."""
+        run = self.run_of(job_id, experiment)
+        if run is None:
+            raise NotFound(f"job {job_id} has no MLflow run yet")
+        names = keys or sorted(run.data.metrics)
+        unknown = [k for k in names if k not in run.data.metrics]
+        if unknown:
+            raise NotFound(f"no metric {unknown[0]!r} in run {run.info.run_id}; it has {sorted(run.data.metrics)}")
+        out = {}
+        for key in names:
+            points = sorted(self.client.get_metric_history(run.info.run_id, key), key=lambda p: (p.step, p.timestamp))
+            out[key] = [{"step": p.step, "value": p.value, "timestamp": p.timestamp} for p in points]
+        return {"mlflow_run_id": run.info.run_id, "metrics": out}
+
+    # ------------------------------------------------------------------ registry
+    def _versions(self, name: str, aliases: dict[str, str]) -> list[dict[str, Any]]:
+        by_version: dict[str, list[str]] = {}
+        for alias, version in aliases.items():  # search_model_versions leaves a version's aliases out
+            by_version.setdefault(version, []).append(alias)
+        out = []
+        for v in self.client.search_model_versions(f"name = '{_quote(name)}'"):
+            tags = dict(v.tags or {})
+            out.append({
+                "version": str(v.version), "run_id": v.run_id, "status": v.status,
+                "aliases": sorted(by_version.get(str(v.version), [])),
+                "created_at": v.creation_timestamp, "job_id": tags.get(contract.TAG_SERVICE_JOB),
+                "metrics": {k.removeprefix("metric."): float(val) for k, val in tags.items() if k.startswith("metric.")},
+                "evaluations": {k.removeprefix("eval."): float(val) for k, val in tags.items() if k.startswith("eval.")},
+                "uri": f"models:/{name}/{v.version}",
+            })
+        return sorted(out, key=lambda d: int(d["version"]), reverse=True)
+
+    def model(self, name: str) -> dict[str, Any]:
+        try:
+            rm = self.client.get_registered_model(name)
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                raise NotFound(f"no registered model {name!r}") from None
+            raise
+        aliases = {k: str(v) for k, v in (rm.aliases or {}).items()}
+        return {"name": rm.name, "description": rm.description, "aliases": aliases,
+                "versions": self._versions(rm.name, aliases)}
+
+    def models(self) -> list[dict[str, Any]]:
+        return [self.model(rm.name) for rm in self.client.search_registered_models(order_by=["name ASC"])]
+
+    def set_alias(self, name: str, alias: str, version: str) -> dict[str, Any]:
+        model = self.model(name)
+        if version not in {v["version"] for v in model["versions"]}:
+            raise NotFound(f"model {name!r} has no version {version}; it has "
+                           f"{sorted(int(v['version']) for v in model['versions'])}")
+        try:
+            self.client.set_registered_model_alias(name, alias, version)
+        except MlflowException as exc:  # MLflow's own rules ("latest", "v3" are reserved)
+            raise ValueError(f"alias {alias!r}: {exc.message}") from None
+        return self.model(name)
+
+
+def _quote(value: str) -> str:
+    return value.replace("'", "\\'")
