@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .spec import EvaluateSpec, PretrainSpec, SpecError, load_spec, parse_spec
+from .spec import EvaluateSpec, PretrainSpec, SpecError, TuneSpec, load_spec, parse_spec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="LeOCLR self-supervised pretraining.")
 experiment_app = typer.Typer(no_args_is_help=True, help="Experiments that test the method's claims.")
@@ -246,6 +246,57 @@ def _evaluate(spec: EvaluateSpec, local: bool = False, device: Optional[str] = N
     typer.echo(json.dumps(result))
 
 
+@app.command("tune")
+def tune_cmd(
+    spec_path: Path = typer.Argument(..., help="A tune job spec (YAML or JSON): a base pretrain spec and a search space."),
+    overrides: Optional[list[str]] = SetOption,
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Search folder (default: runs/<name>)."),
+) -> None:
+    """Search hyperparameters with Ray Tune (each trial a Ray Train run), rank the trials, and register
+    the best trial's encoder. Run again with the same name to resume an interrupted search."""
+    spec: TuneSpec = _load(spec_path, overrides, "tune")
+    _tune(spec, output or spec.out_dir)
+
+
+def _tune(spec: TuneSpec, out: Path) -> None:
+    from .distributed.session import ray_session
+    from .distributed.tune import run_tune
+
+    console.print(f"[bold]{spec.name}[/bold]: {spec.num_samples} trial(s) of {', '.join(spec.space)}, "
+                  f"{spec.max_concurrent_trials} at a time, {spec.scheduler.type} scheduler, ranked by {spec.metric} "
+                  f"({spec.direction}) -> {out}")
+    try:
+        # Tune prints its own trial table; the trials' Ray Data progress lines would bury it.
+        with ray_session(_cpus_needed(spec), log_to_driver=False) as address:
+            console.print(f"Ray: {address}")
+            _sigterm_interrupts()
+            run = run_tune(spec, out_dir=out)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+    except Exception as exc:  # noqa: BLE001 - say it, exit non-zero
+        _fail(f"{type(exc).__name__}: {exc}")
+    table = Table("rank", "trial", *spec.space, spec.metric, "epochs", "stopped early")
+    for i, r in enumerate(run.table, 1):
+        v = r.get(spec.metric)
+        table.add_row(str(i), r["trial"], *(f"{r[p]:.4g}" if isinstance(r[p], float) else str(r[p]) for p in spec.space),
+                      f"{v:.3f}" if isinstance(v, float) else "-", str(r["epochs"]), "yes" if r["stopped_early"] else "")
+    console.print(table)
+    console.print(f"MLflow parent run {run.run_id} (trials.csv, trials.png); {run.seconds:.0f} s; "
+                  f"{run.stopped_early} trial(s) stopped early")
+    enc = run.encoder
+    if enc is not None and enc.registry_uri:
+        console.print(f"best trial {run.best['trial']}: registered [bold]{enc.registry_uri}[/bold] (version {enc.version})")
+    elif run.best is None:
+        console.print("[yellow]no trial finished all its epochs with a metric: nothing registered[/yellow]")
+    best = run.best or {}
+    typer.echo(json.dumps({
+        "name": spec.name, "out_dir": str(out), "mlflow_run_id": run.run_id, "seconds": round(run.seconds, 1),
+        "trials": len(run.table), "stopped_early": run.stopped_early, "best_trial": best.get("trial"),
+        f"best_{spec.metric}": best.get(spec.metric), spec.metric: best.get(spec.metric),
+        "registry_uri": enc.registry_uri if enc else None, "model_version": enc.version if enc else None,
+        "table": run.table}, default=str))
+
+
 @app.command()
 def serve(
     host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
@@ -313,6 +364,16 @@ class JobView:
             self.status = job["status"]
             console.print(f"job {job['id']}: {self.status}")
         p = job.get("progress") or {}
+        trials = p.get("trials")
+        if trials is not None:  # a search: one line each time its trials move
+            best = trials.get("best") or {}
+            line = (f"trials: {trials['finished']} finished, {trials['running']} running, "
+                    f"{trials['stopped_early']} stopped early, {trials['failed']} failed"
+                    + (f"; best so far {best['trial']} {best['metric']} {best['value']:.3f}" if best else ""))
+            if line != self.epoch:
+                self.epoch = line
+                console.print(line)
+            return
         if not p.get("total_steps"):
             return
         fields = {"epoch": f"{p.get('epoch') or 0}/{p.get('epochs')}",
@@ -353,6 +414,10 @@ def _report(job: dict) -> None:
     knn = result.get("knn_top1", p.get("knn_top1"))
     if job["kind"] == "pretrain":
         console.print(f"final k-NN top-1: [bold]{knn:.2f}%[/bold]" if knn is not None else "final k-NN top-1: n/a")
+    if job["kind"] == "tune" and result.get("best_trial"):
+        metric = job["spec"].get("metric", "knn_top1")
+        console.print(f"best trial {result['best_trial']}: {metric} [bold]{result.get(metric):.3f}[/bold] of "
+                      f"{result.get('trials')} trials ({result.get('stopped_early')} stopped early)")
     if result.get("registry_uri"):
         console.print(f"registered: [bold]{result['registry_uri']}[/bold] (version {result.get('model_version')}); "
                       f"load with mlflow.pytorch.load_model(\"{result['registry_uri']}\")")
@@ -392,11 +457,7 @@ def submit(
     from service.client import ApiError
     from service.embedded import embedded_service
 
-    cpus = None
-    if spec.kind == "pretrain":
-        from .distributed.pretrain import cluster_cpus_needed
-
-        cpus = max(os.cpu_count() or 1, int(-(-cluster_cpus_needed(spec) // 1)))
+    cpus = max(os.cpu_count() or 1, int(-(-_cpus_needed(spec) // 1)))  # sized for the job, as a local Ray is
     console.print("starting the service (embedded Ray head, MLflow and job store under LEOCLR_DATA_DIR) ...")
     try:
         with embedded_service(cpus) as client:
@@ -406,6 +467,19 @@ def submit(
         raise
     except (ApiError, RuntimeError) as exc:
         _fail(exc)
+
+
+def _cpus_needed(spec: Any) -> float:
+    """Logical CPUs a job asks of Ray (its workers, data tasks; a search: its concurrent trials)."""
+    if spec.kind == "evaluate":
+        return spec.scaling.cpus_per_worker
+    if spec.kind == "tune":
+        from .distributed.tune import per_trial_cpus
+
+        return spec.max_concurrent_trials * per_trial_cpus(spec) + 1
+    from .distributed.pretrain import cluster_cpus_needed
+
+    return cluster_cpus_needed(spec)
 
 
 @app.command()
@@ -491,6 +565,8 @@ def run_job() -> None:
         spec = spec.model_copy(update={"output_dir": str(core_settings().home / "runs" / spec.name)})
     if spec.kind == "pretrain":
         _pretrain(spec, spec.out_dir)
+    elif spec.kind == "tune":
+        _tune(spec, spec.out_dir)
     else:
         _evaluate(spec)
 

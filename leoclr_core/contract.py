@@ -13,6 +13,8 @@ TAG_KIND = "leoclr.kind"
 TAG_STORAGE = "leoclr.storage"
 TAG_SERVICE_JOB = "leoclr.service_job"  # the service's job id
 TAG_RUN_ID = "leoclr.run_id"  # on a model version: the run that made it
+TAG_TRIAL = "leoclr.trial"  # on a search's child run: its trial's name
+TAG_STOPPED_EARLY = "leoclr.stopped_early"  # on a child run the scheduler stopped: "true"
 
 # Metrics the service builds a job's progress from (logged by rank 0 with each step record).
 M_STEP, M_TOTAL, M_EPOCH, M_EPOCHS, M_ETA = (

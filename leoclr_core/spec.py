@@ -317,14 +317,116 @@ class EvaluateSpec(_JobSpec):
     scaling: ScalingSpec = ScalingSpec()
 
 
-JobSpec = Annotated[Union[PretrainSpec, EvaluateSpec], Field(discriminator="kind")]
-_JOB_ADAPTER: TypeAdapter[PretrainSpec | EvaluateSpec] = TypeAdapter(JobSpec)
+class SearchDim(_Section):
+    """One dimension of a search space: `choice`/`grid` over `values`, `uniform`/`loguniform` in [low, high]."""
+
+    type: Literal["choice", "grid", "uniform", "loguniform"]
+    values: list[Any] | None = None
+    low: float | None = None
+    high: float | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> "SearchDim":
+        if self.type in ("choice", "grid"):
+            if not self.values or self.low is not None or self.high is not None:
+                raise ValueError(f"{self.type} takes a non-empty 'values' list (and no low/high)")
+        else:
+            if self.low is None or self.high is None or self.values is not None:
+                raise ValueError(f"{self.type} takes 'low' and 'high' (and no values)")
+            if not self.low < self.high:
+                raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+            if self.type == "loguniform" and self.low <= 0:
+                raise ValueError(f"loguniform needs low > 0, got {self.low}")
+        return self
+
+    def samples(self) -> list[Any]:
+        """Values a trial may take that validation can try: every listed value, or both ends."""
+        return list(self.values) if self.values is not None else [self.low, self.high]
+
+
+class SchedulerSpec(_Section):
+    type: Literal["asha", "none"] = "asha"
+    grace_period: PositiveInt = 1  # epochs every trial runs before it can be stopped
+    reduction_factor: Annotated[float, Field(gt=1.0)] = 2.0
+
+
+# Spec fields a search may not vary: they name the job or where it lives, not how it trains.
+UNTUNABLE = ("kind", "name", "output_dir", "register", "checkpoint.storage_path", "checkpoint.resume")
+
+
+class TuneSpec(_JobSpec):
+    """A search: trials of a base pretrain spec with fields drawn from `space` (spec path -> dimension).
+    Each trial is a Ray Train run with the base spec's `scaling`; the best trial's encoder is
+    registered under `register`."""
+
+    kind: Literal["tune"] = "tune"
+    base: PretrainSpec
+    space: dict[str, SearchDim]
+    num_samples: PositiveInt = 4  # with grid dimensions: repeats of the whole grid
+    metric: Literal["knn_top1", "loss"] = "knn_top1"
+    mode: Literal["max", "min"] | None = None  # default: max for knn_top1, min for loss
+    scheduler: SchedulerSpec = SchedulerSpec()
+    search: Literal["random", "optuna"] = "random"
+    max_concurrent_trials: PositiveInt = 2
+    register: RegisterSpec = RegisterSpec()
+
+    @property
+    def direction(self) -> Literal["max", "min"]:
+        return self.mode or ("max" if self.metric == "knn_top1" else "min")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TuneSpec":
+        if not self.space:
+            raise ValueError("space must name at least one spec field to search")
+        for path, dim in self.space.items():
+            if path in UNTUNABLE or any(path.startswith(p + ".") for p in UNTUNABLE):
+                raise ValueError(f"space.{path}: {path} cannot be searched (it names the job, not how it trains)")
+            for value in dim.samples():
+                self.trial_spec({path: value}, f"space.{path}")
+        if self.search == "optuna" and any(d.type == "grid" for d in self.space.values()):
+            raise ValueError("search 'optuna' cannot take grid dimensions; use choice, or search 'random'")
+        if self.scheduler.type == "asha" and self.scheduler.grace_period > self.base.optim.epochs:
+            raise ValueError(f"scheduler.grace_period ({self.scheduler.grace_period}) exceeds base.optim.epochs "
+                             f"({self.base.optim.epochs}): ASHA could never stop a trial")
+        if self.metric == "loss" and self.mode == "max":
+            raise ValueError("metric 'loss' with mode 'max' would pick the worst trial")
+        return self
+
+    def trial_spec(self, config: dict[str, Any], where: str = "trial", name: str | None = None) -> PretrainSpec:
+        """The base spec with `config` ({spec path: value}) set; an error names `where` and the field.
+        Trials run k-NN every epoch when the search ranks by it, so the scheduler sees each epoch."""
+        raw = self.base.model_dump(mode="json")
+        raw["register"] = {"model_name": None}
+        if name is not None:
+            raw["name"] = name
+        if self.metric == "knn_top1":
+            raw["eval"]["knn_every"] = 1
+        for path, value in config.items():
+            keys = path.split(".")
+            node = raw
+            for key in keys[:-1]:
+                child = node.get(key)
+                if not isinstance(child, dict):
+                    raise ValueError(f"{where}: {path} is not a field of a pretrain spec")
+                node = child
+            if keys[-1] not in node:
+                raise ValueError(f"{where}: {path} is not a field of a pretrain spec")
+            node[keys[-1]] = value
+        try:
+            return PretrainSpec.model_validate(raw)
+        except ValidationError as err:
+            raise ValueError(f"{where}: " + _format_errors(err).removeprefix("invalid job spec:\n  ").strip()) from None
+
+
+JobSpec = Annotated[Union[PretrainSpec, EvaluateSpec, TuneSpec], Field(discriminator="kind")]
+_JOB_ADAPTER: TypeAdapter[PretrainSpec | EvaluateSpec | TuneSpec] = TypeAdapter(JobSpec)
+KINDS = ("pretrain", "evaluate", "tune")
 
 
 def _format_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if p not in ("pretrain", "evaluate"))
+        loc = ".".join(str(p) for p in e["loc"] if p not in ("pretrain", "evaluate", "tune"))
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
@@ -364,13 +466,13 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
     return out
 
 
-def parse_spec(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> PretrainSpec | EvaluateSpec:
+def parse_spec(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> PretrainSpec | EvaluateSpec | TuneSpec:
     if not isinstance(raw, dict):
         raise SpecError("invalid job spec: the top level must be a mapping of fields")
     raw = apply_overrides(raw, overrides)
     raw.setdefault("kind", "pretrain")
-    if raw["kind"] not in ("pretrain", "evaluate"):
-        raise SpecError(f"invalid job spec:\n  kind: unknown kind {raw['kind']!r} (expected 'pretrain' or 'evaluate')")
+    if raw["kind"] not in KINDS:
+        raise SpecError(f"invalid job spec:\n  kind: unknown kind {raw['kind']!r} (expected one of {', '.join(KINDS)})")
     try:
         return _JOB_ADAPTER.validate_python(raw)
     except ValidationError as err:
@@ -390,7 +492,7 @@ def read_spec_file(path: str | Path) -> dict[str, Any]:
     return data if data is not None else {}
 
 
-def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PretrainSpec | EvaluateSpec:
+def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PretrainSpec | EvaluateSpec | TuneSpec:
     return parse_spec(read_spec_file(path), overrides)
 
 

@@ -76,13 +76,15 @@ def _log_params(c: MlflowClient, run_id: str, spec: Any) -> None:
         c.log_batch(run_id, params=params[i:i + 100])
 
 
-def start_job_run(spec: PretrainSpec, storage: str, *, settings: CoreSettings | None = None,
-                  extra_tags: dict[str, str] | None = None) -> str:
-    """The MLflow run of a pretrain job: the unfinished run of the same job name and storage path
-    when the job resumes (so a resumed job continues its run), else a new one with the spec as params."""
+def start_job_run(spec: Any, storage: str, *, settings: CoreSettings | None = None,
+                  extra_tags: dict[str, str] | None = None, experiment: str | None = None) -> str:
+    """The MLflow run of a pretrain (or tune) job: the unfinished run of the same job name and
+    storage path when the job resumes (so a resumed job continues its run), else a new one with the
+    spec as params. `experiment`: default the job's name (a search's trials go into the search's)."""
     c = client(settings)
-    exp = ensure_experiment(c, spec.name, settings)
-    if spec.checkpoint.resume:
+    exp = ensure_experiment(c, experiment or spec.name, settings)
+    resume = getattr(getattr(spec, "checkpoint", None), "resume", True)
+    if resume:
         found = c.search_runs(
             [exp],
             filter_string=f"tags.`{TAG_JOB}` = '{spec.name}' and tags.`{TAG_STORAGE}` = '{storage}'",
@@ -102,7 +104,8 @@ def start_job_run(spec: PretrainSpec, storage: str, *, settings: CoreSettings | 
 
 
 def _service_tags() -> dict[str, str]:
-    """The service's job id, when this driver is a service job, so the API can find the run."""
+    """The service's job id, when this driver is a service job, so the API can find the run.
+    (A search's trials run in Tune's actors with the job's environment; they drop the variable.)"""
     job = os.environ.get(contract.ENV_JOB_ID)
     return {contract.TAG_SERVICE_JOB: job} if job else {}
 
@@ -257,6 +260,24 @@ def log_encoder(
         )
         out = RegisteredEncoder(out.model_uri, register.model_name, version, register.alias)
     return out
+
+
+def register_logged_encoder(run_id: str, register: RegisterSpec, metrics: dict[str, Any],
+                            settings: CoreSettings | None = None) -> RegisteredEncoder:
+    """Register the encoder a run already logged (a search's best trial) under `register`, with the
+    alias, its metrics as version tags, and the job that asked for it."""
+    c = client(settings)
+    source = f"runs:/{run_id}/{ENCODER_ARTIFACT}"
+    if not register.model_name:
+        return RegisteredEncoder(model_uri=source)
+    mv = mlflow.register_model(source, register.model_name)
+    version = str(mv.version)
+    c.set_registered_model_alias(register.model_name, register.alias, version)
+    tags = {f"metric.{k}": str(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for k, v in {**tags, contract.TAG_RUN_ID: run_id, **_service_tags()}.items():
+        c.set_model_version_tag(register.model_name, version, k, v)
+    return RegisteredEncoder(source, register.model_name, version, register.alias)
 
 
 def resolve_version(uri: str, settings: CoreSettings | None = None) -> tuple[str, str] | None:

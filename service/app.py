@@ -153,7 +153,7 @@ def create_app(settings: ServiceSettings | None = None, runner: Runner | None = 
         cache = request.app.state.final_progress
         if job.id in cache:
             return cache[job.id]
-        progress = request.app.state.tracking.progress(job.id, job.name)
+        progress = request.app.state.tracking.progress(job.id, job.name, job.spec)
         if progress is not None and job.result and job.result.get("model_version"):
             progress["model_version"] = job.result["model_version"]
             progress["model_uri"] = job.result.get("registry_uri")

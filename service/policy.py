@@ -31,6 +31,17 @@ def _inside(path: str, roots: list[Path], field: str, what: str) -> None:
 
 def check_spec(spec: Any, data_roots: list[Path], home: Path) -> None:
     """Raise PolicyError naming the first field that reaches outside what the service allows."""
+    if spec.kind == "tune":  # its base spec, and every value a search may give a trial
+        if spec.output_dir:
+            _inside(spec.output_dir, [home.expanduser().resolve()], "output_dir", "service's data directory")
+        check_spec(spec.base, data_roots, home)
+        for path, dim in spec.space.items():
+            for value in dim.samples():
+                try:
+                    check_spec(spec.trial_spec({path: value}), data_roots, home)
+                except PolicyError as exc:
+                    raise PolicyError(f"space.{path}: {exc}") from None
+        return
     roots = [r.expanduser().resolve() for r in data_roots]
     home = home.expanduser().resolve()
     if spec.data.path:

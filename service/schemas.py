@@ -25,6 +25,8 @@ class Progress(BaseModel):
     mlflow_run_url: str | None = None
     model_version: str | None = None
     model_uri: str | None = None
+    trials: dict[str, Any] | None = Field(
+        None, description="A search's trials: total, finished, running, stopped_early, failed, and the best so far.")
 
 
 class JobOut(BaseModel):

@@ -59,14 +59,46 @@ class Tracking:
             self._runs[job_id] = found[0].info.run_id
         return found[0]
 
-    def progress(self, job_id: str, experiment: str) -> dict[str, Any] | None:
+    def progress(self, job_id: str, experiment: str, spec: dict[str, Any] | None = None) -> dict[str, Any] | None:
         try:
             run = self.run_of(job_id, experiment)
+            if run is None:
+                return None
+            out = self._progress(run)
+            if (spec or {}).get("kind") == "tune":
+                out["trials"] = self.trials(run, spec or {})
+            return out
         except MlflowException as exc:  # tracking briefly unavailable: the job still reads
             log.warning("MLflow read for job %s failed: %s", job_id, exc)
             return None
-        if run is None:
-            return None
+
+    def trials(self, parent: Run, spec: dict[str, Any]) -> dict[str, Any]:
+        """A search's trials from its child runs: how many finished, run, were stopped early or
+        failed, and the best so far by the search's metric."""
+        metric = spec.get("metric", "knn_top1")
+        mode = spec.get("mode") or ("max" if metric == "knn_top1" else "min")
+        children = self.client.search_runs(
+            [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+            max_results=1000)
+        counts = {"total": len(children), "finished": 0, "running": 0, "stopped_early": 0, "failed": 0}
+        best = None
+        for r in children:
+            if r.data.tags.get(contract.TAG_STOPPED_EARLY) == "true":
+                counts["stopped_early"] += 1
+            elif r.info.status == "FINISHED":
+                counts["finished"] += 1
+            elif r.info.status in ("RUNNING", "SCHEDULED"):
+                counts["running"] += 1
+            else:
+                counts["failed"] += 1
+            value = r.data.metrics.get(metric)
+            if value is not None and (best is None or (value > best["value"] if mode == "max" else value < best["value"])):
+                best = {"trial": r.data.tags.get(contract.TAG_TRIAL), "metric": metric, "value": value,
+                        "mlflow_run_id": r.info.run_id,
+                        "params": {p: r.data.params.get(p) for p in spec.get("space", {})}}
+        return {**counts, "best": best}
+
+    def _progress(self, run: Run) -> dict[str, Any]:
         m = run.data.metrics
         step, total = _num(m, contract.M_STEP, int), _num(m, contract.M_TOTAL, int)
         return {

@@ -282,8 +282,14 @@ def run_pretrain(
     callbacks: Callbacks | None = None,
     out_dir: Path | None = None,
     settings: CoreSettings | None = None,
+    experiment: str | None = None,
+    run_tags: dict[str, str] | None = None,
+    train_callbacks: list[Any] | None = None,
 ) -> RayRun:
-    """Run `spec` on the connected Ray cluster (`ray.init` done by the caller); blocks until done."""
+    """Run `spec` on the connected Ray cluster (`ray.init` done by the caller); blocks until done.
+
+    A Tune trial passes the search's MLflow `experiment` and `run_tags` (its parent run) and
+    `train_callbacks` (Tune's report callback, so each epoch's record reaches the scheduler)."""
     s = settings or core_settings()
     cb = callbacks or Callbacks()
     out = Path(out_dir) if out_dir else spec.out_dir
@@ -294,7 +300,8 @@ def run_pretrain(
         Path(storage).mkdir(parents=True, exist_ok=True)
     # Ray Train v2 resumes a run re-run under the same name and storage; resume: false gets a fresh name.
     run_name = spec.name if spec.checkpoint.resume else f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_id = tracking.start_job_run(spec, f"{storage}/{run_name}", settings=s)
+    run_id = tracking.start_job_run(spec, f"{storage}/{run_name}", settings=s, experiment=experiment,
+                                    extra_tags=run_tags)
     outcome = "FAILED"
     try:
         counter = SkipCounter.remote() if spec.data.source in ("imagefolder", "parquet") else None
@@ -316,6 +323,7 @@ def run_pretrain(
                 name=run_name, storage_path=storage,
                 checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
                 failure_config=FailureConfig(max_failures=spec.checkpoint.max_failures),
+                callbacks=train_callbacks,
             ),
             datasets={"train": dataset},
         )

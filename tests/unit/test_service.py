@@ -413,3 +413,48 @@ def test_an_unfinished_jobs_view_is_reused_for_a_second(tmp_path):
         assert len(calls) <= 2  # the first read (and at most one background pass), not five
         assert c.post(f"/v1/jobs/{job['id']}/cancel", headers=AUTH).status_code == 200
         assert c.get(f"/v1/jobs/{job['id']}", headers=AUTH).json()["status"] == "cancelled"
+
+
+TUNE = {"kind": "tune", "name": "search-api", "base": SPEC, "metric": "knn_top1",
+        "space": {"optim.lr": {"type": "choice", "values": [0.01, 0.1]}}}
+
+
+def test_a_tune_job_shows_its_trials_and_the_best_so_far(make_client, tmp_path):
+    from leoclr_core import contract
+
+    uri, ml = _mlflow(tmp_path)
+    runner = FakeRunner()
+    with make_client(runner, mlflow_tracking_uri=uri) as c:
+        r = c.post("/v1/jobs", json=TUNE, headers=AUTH)
+        assert r.status_code == 201 and r.json()["kind"] == "tune", r.text
+        job = r.json()
+        exp = ml.create_experiment("search-api")
+        parent = ml.create_run(exp, tags={contract.TAG_SERVICE_JOB: job["id"]}).info.run_id
+        trials = [("trial-000", "FINISHED", 41.0, None), ("trial-001", "KILLED", 20.0, "true"),
+                  ("trial-002", "RUNNING", 44.5, None), ("trial-003", "FAILED", None, None)]
+        for name, st, knn, stopped in trials:
+            tags = {"mlflow.parentRunId": parent, contract.TAG_TRIAL: name}
+            if stopped:
+                tags[contract.TAG_STOPPED_EARLY] = stopped
+            run = ml.create_run(exp, tags=tags).info.run_id
+            ml.log_param(run, "optim.lr", "0.1" if name == "trial-002" else "0.01")
+            if knn is not None:
+                ml.log_metric(run, "knn_top1", knn)
+            if st != "RUNNING":
+                ml.set_terminated(run, st)
+        t = c.get(f"/v1/jobs/{job['id']}", headers=AUTH).json()["progress"]["trials"]
+        assert (t["total"], t["finished"], t["running"], t["stopped_early"], t["failed"]) == (4, 1, 1, 1, 1)
+        assert t["best"]["trial"] == "trial-002" and t["best"]["value"] == 44.5
+        assert t["best"]["params"] == {"optim.lr": "0.1"}
+
+
+def test_a_tune_job_may_not_search_its_way_out_of_the_data_roots(make_client, tmp_path):
+    with make_client() as c:
+        spec = {**TUNE, "base": {**SPEC, "data": {**SPEC["data"], "source": "imagefolder", "path": "/tmp"}}}
+        r = c.post("/v1/jobs", json=spec, headers=AUTH)
+        assert r.status_code == 422 and r.json()["detail"].startswith("data.path"), r.text
+        spec = {**TUNE, "space": {"data.path": {"type": "choice", "values": ["/etc"]}},
+                "base": {**SPEC, "data": {**SPEC["data"], "source": "imagefolder",
+                                          "path": str(tmp_path / "datasets" / "ok")}}}
+        r = c.post("/v1/jobs", json=spec, headers=AUTH)
+        assert r.status_code == 422 and "space.data.path" in r.json()["detail"], r.text

@@ -15,7 +15,7 @@ def test_every_shipped_config_validates():
     assert configs, "configs/ must ship ready job specs"
     for path in configs:
         spec = load_spec(path)
-        assert spec.kind in ("pretrain", "evaluate")
+        assert spec.kind in ("pretrain", "evaluate", "tune")
 
 
 def test_defaults_follow_leoclr_md():

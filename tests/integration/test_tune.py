@@ -1,0 +1,113 @@
+"""A search end to end on real Ray Tune and MLflow: trials as Ray Train runs, ASHA stopping the weak
+ones, a parent run with a child per trial, the best trial's encoder registered."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from leoclr_core.settings import CoreSettings
+from leoclr_core.spec import SpecError, TuneSpec, parse_spec
+
+from .conftest import tiny_spec
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def tune_spec(tmp_path, **fields) -> dict:
+    base = tiny_spec("search-base", tmp_path, scaling={"num_workers": 1, "log_every": 4},
+                     optim={"epochs": 3, "batch_size": 64}, register={"model_name": None})
+    base.pop("output_dir")
+    return {
+        "kind": "tune", "name": "search", "output_dir": str(tmp_path / "runs" / "search"), "base": base,
+        # Ranked by loss, which the temperature moves far more than any noise: the two trials at
+        # 1.0 (InfoNCE near log(queue + 1)) start second and reach ASHA's first rung with a loss
+        # well above the two at 0.05, and ASHA stops them there (later rungs may stop more). (k-NN accuracy on a test set this
+        # small is too noisy to say which trial ASHA must stop; the demo search ranks by it.)
+        "space": {"loss.temperature": {"type": "grid", "values": [0.05, 0.05, 1.0, 1.0]},
+                  "optim.lr": {"type": "loguniform", "low": 0.03, "high": 0.1}},
+        "num_samples": 1, "metric": "loss",
+        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+        "max_concurrent_trials": 2,
+        "register": {"model_name": "search-best", "alias": "candidate"},
+        **fields,
+    }
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """Two trials of 3 logical CPUs each (worker, data task, Ray Data's reads) and the search's driver."""
+    import ray
+
+    ctx = ray.init(num_cpus=7, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    yield ctx.address_info["address"]
+    ray.shutdown()
+
+
+@pytest.fixture()
+def settings(tmp_path, monkeypatch):
+    monkeypatch.setenv("LEOCLR_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("LEOCLR_STORAGE_PATH", raising=False)
+    return CoreSettings()
+
+
+def test_a_search_ranks_trials_stops_weak_ones_and_registers_the_best(ray_cluster, tmp_path, settings):
+    from leoclr_core import tracking
+    from leoclr_core.distributed.tune import run_tune
+
+    spec = parse_spec(tune_spec(tmp_path))
+    run = run_tune(spec, settings=settings)
+
+    c = tracking.client(settings)
+    parent = c.get_run(run.run_id)
+    assert parent.info.status == "FINISHED" and parent.data.params["max_concurrent_trials"] == "2"
+    children = c.search_runs([parent.info.experiment_id],
+                             filter_string=f"tags.`mlflow.parentRunId` = '{run.run_id}'")
+    assert sorted(r.data.tags["leoclr.trial"] for r in children) == [f"trial-{i:03d}" for i in range(4)]
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in children)
+    assert sorted(r.data.params["loss.temperature"] for r in children) == ["0.05", "0.05", "1.0", "1.0"]
+
+    stopped = [r for r in run.table if r["stopped_early"]]
+    assert stopped and all(r["epochs"] < 3 for r in stopped)
+    assert any(r["trial"] in ("trial-002", "trial-003") and r["epochs"] == 1 for r in stopped)
+    by_trial = {r.data.tags["leoclr.trial"]: r for r in children}
+    assert all(by_trial[r["trial"]].data.tags.get("leoclr.stopped_early") == "true" for r in stopped)
+
+    finished = [r for r in run.table if not r["stopped_early"]]
+    best = min(finished, key=lambda r: r["loss"])
+    assert run.best["trial"] == best["trial"] and run.table[0]["loss"] <= best["loss"]
+    mv = c.get_model_version_by_alias("search-best", "candidate")
+    assert mv.run_id == best["mlflow_run_id"] == by_trial[best["trial"]].info.run_id
+
+    artifacts = {a.path for a in c.list_artifacts(run.run_id)}
+    assert {"trials.csv", "trials.png"} <= artifacts
+    rows = list(csv.DictReader(open(tmp_path / "runs" / "search" / "trials.csv")))
+    assert [r["trial"] for r in rows] == [r["trial"] for r in run.table] and rows[0]["rank"] == "1"
+
+
+def test_a_search_the_cluster_cannot_place_is_refused(ray_cluster, tmp_path):
+    from leoclr_core.distributed.tune import cluster_check, per_trial_cpus
+
+    spec = parse_spec(tune_spec(tmp_path, max_concurrent_trials=8))
+    with pytest.raises(ValueError, match=r"max_concurrent_trials \(8\) x 3.01 CPUs per trial = 24.08 CPUs, but the cluster has 7"):
+        cluster_check(spec, per_trial_cpus(spec))
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"loss.temprature": {"type": "choice", "values": [0.1]}}, "space.loss.temprature: loss.temprature is not a field"),
+    ({"optim.lr": {"type": "loguniform", "low": 0, "high": 1}}, "loguniform needs low > 0"),
+    ({"optim.epochs": {"type": "choice", "values": [0]}}, "space.optim.epochs"),
+    ({"register.alias": {"type": "choice", "values": ["x"]}}, "cannot be searched"),
+])
+def test_impossible_searches_are_refused_naming_the_field(tmp_path, space, message):
+    with pytest.raises(SpecError, match=message):
+        parse_spec(tune_spec(tmp_path, space=space))
+
+
+def test_optuna_cannot_take_a_grid(tmp_path):
+    with pytest.raises(SpecError, match="optuna"):
+        parse_spec(tune_spec(tmp_path, search="optuna"))
+    spec = parse_spec(tune_spec(tmp_path, search="optuna", space={"optim.lr": {"type": "choice", "values": [0.1]}}))
+    assert isinstance(spec, TuneSpec) and spec.direction == "min"
