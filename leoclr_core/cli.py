@@ -194,7 +194,8 @@ def _pretrain_on_ray(spec: PretrainSpec, out: Path) -> tuple[dict, dict]:
     except Exception as exc:  # noqa: BLE001 - Ray's errors carry the worker's traceback; say it, exit non-zero
         _fail(f"{type(exc).__name__}: {exc}")
     enc = run.encoder
-    extra = {"mlflow_run_id": run.run_id, "storage": run.storage, "restarts": run.restarts,
+    extra = {"mlflow_run_id": run.run_id, "storage": run.storage, "worker_nodes": run.worker_nodes,
+             "restarts": run.restarts,
              "epochs_redone": run.epochs_redone, "resumed_from": run.resumed_from, "seconds": round(run.seconds, 1),
              "model_uri": enc.model_uri if enc else None, "registry_uri": enc.registry_uri if enc else None,
              "model_version": enc.version if enc else None}
@@ -303,8 +304,9 @@ def serve(
     port: int = typer.Option(8000, help="Port to listen on."),
     num_cpus: Optional[int] = typer.Option(None, help="CPUs of the embedded Ray head (default: all)."),
 ) -> None:
-    """Start the REST API (FastAPI + uvicorn). Embedded defaults: a Ray head on 127.0.0.1 started
-    (or found again) for it, MLflow and the job store on SQLite under LEOCLR_DATA_DIR."""
+    """Start the REST API (FastAPI + uvicorn) over the Ray cluster at LEOCLR_RAY_JOBS_ADDRESS or
+    RAY_ADDRESS. Embedded defaults: a Ray head on 127.0.0.1 started (or found again) for it, MLflow
+    and the job store on SQLite under LEOCLR_DATA_DIR."""
     import sys
 
     import uvicorn
@@ -316,9 +318,18 @@ def serve(
 
     s = ServiceSettings()
     head = None
+    # What every job's driver is told, so its runs, checkpoints and models land where the API looks.
     env = {"LEOCLR_DATA_DIR": str(s.home), "MLFLOW_TRACKING_URI": s.tracking_uri}
+    if s.storage_path:
+        env["LEOCLR_STORAGE_PATH"] = s.storage_path
     if s.ray_jobs_address:
         runner = RayJobsRunner(s.ray_jobs_address, env=env)
+    elif s.ray_address:
+        from service.runner import dashboard_url
+
+        jobs = dashboard_url(s.ray_address)
+        console.print(f"Ray cluster {s.ray_address}: Jobs API {jobs}")
+        runner = RayJobsRunner(jobs, env=env)
     else:
         head = ensure_head(s.home, num_cpus)
         leoclr = Path(sys.executable).with_name("leoclr")  # this install's CLI, whatever PATH the head has

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from typing import Any, AsyncIterator, Protocol
 
+import leoclr_core.distributed  # noqa: F401 - Ray's environment (token auth, loopback), before Ray is imported
+
 from leoclr_core.contract import ENV_JOB_ID, ENV_JOB_SPEC
 
 # Ray job statuses -> ours. PENDING: accepted, driver not started yet.
@@ -59,3 +61,19 @@ class RayJobsRunner:
     def tail(self, submission_id: str) -> AsyncIterator[str]:
         """The driver's log as it is written, until the job ends (Ray streams it over a websocket)."""
         return self.client.tail_job_logs(submission_id)
+
+
+def dashboard_url(address: str) -> str:
+    """The Jobs API of the Ray cluster at `address` (a GCS address such as RAY_ADDRESS): the cluster
+    says where its dashboard is when a driver connects."""
+    import ray
+
+    ctx = ray.init(address=address, log_to_driver=False)
+    try:
+        url = ctx.dashboard_url
+    finally:
+        ray.shutdown()
+    if not url:
+        raise RuntimeError(f"the Ray cluster at {address} runs no dashboard, so no Jobs API: start its head with "
+                           "--include-dashboard=true, or set LEOCLR_RAY_JOBS_ADDRESS")
+    return url if "://" in url else f"http://{url}"

@@ -26,8 +26,8 @@ class ServiceSettings(CoreSettings):
 
     ray_jobs_address: str | None = Field(
         default=None, validation_alias=AliasChoices("LEOCLR_RAY_JOBS_ADDRESS"),
-        description="Ray Jobs API (the dashboard's HTTP address, e.g. http://ray-head:8265); unset: "
-                    "an embedded Ray head is started on 127.0.0.1.",
+        description="Ray Jobs API (the dashboard's HTTP address, e.g. http://ray-head:8265); unset: asked of "
+                    "the cluster at RAY_ADDRESS, or with neither, an embedded Ray head is started on 127.0.0.1.",
     )
 
     data_roots: str | None = Field(
