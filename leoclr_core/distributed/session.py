@@ -44,7 +44,9 @@ def ray_session(num_cpus: float | None = None, settings: CoreSettings | None = N
     else:
         cpus = max(os.cpu_count() or 1, int(-(-(num_cpus or 0) // 1)))
         # The dashboard also serves the state API, which Ray Train's placement-group cleaner polls.
-        ctx = ray.init(num_cpus=cpus, _node_ip_address="127.0.0.1", include_dashboard=True,
+        # address="local": a new Ray even when another runs on this machine (a `ray start` head, or
+        # one that died and left its address behind), which plain ray.init() would try to join.
+        ctx = ray.init(address="local", num_cpus=cpus, _node_ip_address="127.0.0.1", include_dashboard=True,
                        dashboard_host="127.0.0.1", log_to_driver=log_to_driver)
     try:
         yield getattr(ctx, "address_info", {}).get("address", s.ray_address or "local")

@@ -39,6 +39,6 @@ def ray_cluster():
     """A local Ray for the whole module (starting one costs seconds; a Train run about 40 s)."""
     import ray
 
-    ctx = ray.init(num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    ctx = ray.init(address="local", num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
     yield ctx.address_info["address"]
     ray.shutdown()

@@ -40,7 +40,7 @@ def ray_cluster():
     """Two trials of 3 logical CPUs each (worker, data task, Ray Data's reads) and the search's driver."""
     import ray
 
-    ctx = ray.init(num_cpus=7, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    ctx = ray.init(address="local", num_cpus=7, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
     yield ctx.address_info["address"]
     ray.shutdown()
 
@@ -111,3 +111,26 @@ def test_optuna_cannot_take_a_grid(tmp_path):
         parse_spec(tune_spec(tmp_path, search="optuna"))
     spec = parse_spec(tune_spec(tmp_path, search="optuna", space={"optim.lr": {"type": "choice", "values": [0.1]}}))
     assert isinstance(spec, TuneSpec) and spec.direction == "min"
+
+
+def test_the_optuna_search_draws_from_the_spec_space(ray_cluster, tmp_path):
+    """The optuna path, with a stand-in trainable: Optuna takes the space as the spec writes it."""
+    from ray import tune
+
+    from leoclr_core.distributed.tune import _tune_config, domain
+
+    spec = parse_spec(tune_spec(tmp_path, search="optuna", num_samples=3, scheduler={"type": "none"}, space={
+        "optim.lr": {"type": "loguniform", "low": 0.01, "high": 0.1},
+        "loss.queue_size": {"type": "choice", "values": [64, 128]}}))
+
+    def trainable(config):
+        return {"loss": config["optim.lr"], "epoch": 1}
+
+    tuner = tune.Tuner(trainable, param_space={p: domain(d) for p, d in spec.space.items()},
+                       tune_config=_tune_config(spec),
+                       run_config=tune.RunConfig(name="optuna", storage_path=str(tmp_path / "tune"), verbose=0))
+    grid = tuner.fit()
+    assert len(grid) == 3 and not grid.errors
+    for result in grid:
+        assert 0.01 <= result.config["optim.lr"] <= 0.1 and result.config["loss.queue_size"] in (64, 128)
+    assert grid.get_best_result().metrics["loss"] == min(r.metrics["loss"] for r in grid)
