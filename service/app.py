@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from leoclr_core.spec import SpecError, parse_spec
+from leoclr_core.spec import KINDS, SpecError, parse_spec
 
 from .auth import ensure_token, require_token
 from .policy import PolicyError, check_spec
@@ -19,7 +19,7 @@ from .reconcile import Reconciler, reconcile_job, submit_job
 from .runner import Runner
 from .schemas import AliasIn, JobList, JobOut, MetricHistory, Model, ModelList, Progress
 from .settings import ServiceSettings
-from .store import FINISHED, KINDS, STATUSES, Job, JobStore
+from .store import FINISHED, STATUSES, Job, JobStore
 from .tracking import NotFound, Tracking
 
 

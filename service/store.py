@@ -17,8 +17,6 @@ from sqlalchemy import JSON, DateTime, String, Text, create_engine, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from leoclr_core.spec import KINDS  # noqa: F401 - the job kinds the API accepts
-
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED = ("succeeded", "failed", "cancelled")
 

@@ -5,10 +5,8 @@ encoder in the registry. What a cluster deployment (deploy/) does, at laptop sca
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,27 +15,19 @@ from pathlib import Path
 import httpx
 import pytest
 
+from .conftest import clean_env, free_ports, tiny_pretrain, wait_healthy
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "cluster-token-0123456789"
 H = {"Authorization": f"Bearer {TOKEN}"}
 
 
-def _ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def _node_ports() -> list[str]:
     """Every port a node binds, chosen free: two nodes share one machine here."""
     names = ["--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
              "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port"]
-    return [f"{name}={port}" for name, port in zip(names, _ports(len(names)))]
+    return [f"{name}={port}" for name, port in zip(names, free_ports(len(names)))]
 
 
 @pytest.fixture(scope="module")
@@ -45,14 +35,10 @@ def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("cluster")
     shared = root / "shared-storage"  # what an NFS mount or a bucket is on a real cluster
     shared.mkdir()
-    gcs, dash = _ports(2)
+    gcs, dash = free_ports(2)
     ray = str(Path(sys.executable).with_name("ray"))
     # The nodes run `leoclr run-job` for the API, from their PATH (an image's, an activated venv's).
-    env = {**os.environ, "RAY_AUTH_MODE": "token",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    for var in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "LEOCLR_RAY_JOBS_ADDRESS", "LEOCLR_API_URL",
-                "LEOCLR_STORAGE_PATH"):
-        env.pop(var, None)
+    env = clean_env(RAY_AUTH_MODE="token", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     procs = []
 
     def start(args: list[str], log: str) -> None:
@@ -73,22 +59,14 @@ def cluster(tmp_path_factory):
     start([f"--address=127.0.0.1:{gcs}", "--num-cpus=2"], "worker.log")
 
     data = root / "data"
-    port = _ports(1)[0]
+    [port] = free_ports()
     api_env = {**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}", "LEOCLR_DATA_DIR": str(data),
                "LEOCLR_STORAGE_PATH": str(shared), "LEOCLR_API_TOKEN": TOKEN}
     procs.append(subprocess.Popen([sys.executable, "-m", "leoclr_core.cli", "serve", "--port", str(port)],
                                   env=api_env, cwd=REPO, start_new_session=True,
                                   stdout=open(root / "serve.log", "wb"), stderr=subprocess.STDOUT))
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert procs[-1].poll() is None and time.monotonic() < deadline, (root / "serve.log").read_text()[-3000:]
-        time.sleep(0.5)
+    wait_healthy(url, procs[-1], root / "serve.log")
     yield url, shared, root
     for p in reversed(procs):  # the API, then the worker node, then the head, each with its children
         try:
@@ -100,16 +78,11 @@ def cluster(tmp_path_factory):
 
 def test_a_job_over_rest_spreads_its_workers_over_both_nodes(cluster):
     url, shared, root = cluster
-    spec = {
-        "kind": "pretrain", "name": "cluster-demo",
-        "data": {"num_images": 512, "num_test_images": 64, "image_size": 16,
-                 "synthetic": {"source_size": 32, "object_size": [13, 19]}},
-        "model": {"backbone": "tiny", "width": 8, "proj_hidden_dim": 32, "proj_dim": 16},
-        "loss": {"queue_size": 128}, "augment": {"batched": True}, "optim": {"epochs": 2, "batch_size": 64},
-        "scaling": {"num_workers": 2, "placement_strategy": "STRICT_SPREAD"},
-        "eval": {"knn_every": 0, "knn_k": 10},
-        "register": {"model_name": "cluster-encoder", "alias": "candidate"},
-    }
+    spec = tiny_pretrain("cluster-demo", data={"num_images": 512, "num_test_images": 64, "image_size": 16,
+                                               "synthetic": {"source_size": 32, "object_size": [13, 19]}},
+                         loss={"queue_size": 128}, optim={"epochs": 2, "batch_size": 64},
+                         scaling={"num_workers": 2, "placement_strategy": "STRICT_SPREAD"},
+                         register={"model_name": "cluster-encoder", "alias": "candidate"})
     r = httpx.post(f"{url}/v1/jobs", json=spec, headers=H, timeout=30)
     assert r.status_code == 201, r.text
     job_id = r.json()["id"]
@@ -128,4 +101,4 @@ def test_a_job_over_rest_spreads_its_workers_over_both_nodes(cluster):
     [model] = httpx.get(f"{url}/v1/models", headers=H, timeout=30).json()["items"]
     assert model["name"] == "cluster-encoder" and model["aliases"] == {"candidate": "1"}
     assert model["versions"][0]["job_id"] == job_id
-    assert json.loads(json.dumps(job["progress"]))["step"] == job["progress"]["total_steps"]
+    assert job["progress"]["step"] == job["progress"]["total_steps"]

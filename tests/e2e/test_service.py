@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from .conftest import clean_env, free_ports, tiny_pretrain, wait_healthy
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "e2e-token-0123456789"
@@ -24,42 +25,17 @@ H = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def tiny_spec(name: str, epochs: int = 2, register: bool = False) -> dict:
-    spec = {
-        "kind": "pretrain", "name": name,
-        "data": {"num_images": 256, "num_test_images": 64, "image_size": 16,
-                 "synthetic": {"source_size": 32, "object_size": [13, 19]}},
-        "model": {"backbone": "tiny", "width": 8, "proj_hidden_dim": 32, "proj_dim": 16},
-        "loss": {"queue_size": 64}, "augment": {"batched": True}, "optim": {"epochs": epochs, "batch_size": 32},
-        "eval": {"knn_every": 0, "knn_k": 10},
-    }
-    if register:
-        spec["register"] = {"model_name": "e2e-encoder", "alias": "candidate"}
-    return spec
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True
+    extra = {"register": {"model_name": "e2e-encoder", "alias": "candidate"}} if register else {}
+    return tiny_pretrain(name, epochs, **extra)
 
 
 class Service:
     """A `leoclr serve` process on a data directory; killed and started again by the tests."""
 
     def __init__(self, data: Path):
-        self.data, self.port = data, _port()
+        self.data, [self.port] = data, free_ports()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "LEOCLR_DATA_DIR": str(data), "LEOCLR_API_TOKEN": TOKEN}
-        for var in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "LEOCLR_RAY_JOBS_ADDRESS", "LEOCLR_API_URL"):
-            self.env.pop(var, None)
+        self.env = clean_env(LEOCLR_DATA_DIR=str(data), LEOCLR_API_TOKEN=TOKEN)
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -67,15 +43,7 @@ class Service:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "leoclr_core.cli", "serve", "--port", str(self.port), "--num-cpus", "4"],
             env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            assert self.proc.poll() is None and time.monotonic() < deadline, self.log()
-            time.sleep(0.5)
+        wait_healthy(self.url, self.proc, self.data / "serve.log")
 
     def log(self) -> str:
         return (self.data / "serve.log").read_text()[-3000:]
@@ -190,9 +158,7 @@ def test_submit_serve_runs_a_job_and_ctrl_c_stops_everything(tmp_path):
     stops the service and its Ray head, and exits 130."""
     spec = tmp_path / "long.json"
     spec.write_text(json.dumps(tiny_spec("e2e-interrupted", epochs=500)))
-    env = {**os.environ, "LEOCLR_DATA_DIR": str(tmp_path / "data"), "LEOCLR_API_TOKEN": TOKEN}
-    for var in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "LEOCLR_RAY_JOBS_ADDRESS", "LEOCLR_API_URL"):
-        env.pop(var, None)
+    env = clean_env(LEOCLR_DATA_DIR=str(tmp_path / "data"), LEOCLR_API_TOKEN=TOKEN)
     proc = subprocess.Popen([sys.executable, "-m", "leoclr_core.cli", "submit", str(spec), "--serve"], env=env,
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
