@@ -29,6 +29,14 @@ def tiny_spec(name: str, epochs: int = 2, register: bool = False) -> dict:
     return tiny_pretrain(name, epochs, **extra)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
 class Service:
     """A `leoclr serve` process on a data directory; killed and started again by the tests."""
 
