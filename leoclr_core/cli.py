@@ -439,7 +439,7 @@ def _report(job: dict) -> None:
 
 @app.command()
 def submit(
-    spec_path: Path = typer.Argument(..., help="A job spec (YAML or JSON): pretrain or evaluate."),
+    spec_path: Path = typer.Argument(..., help="A job spec (YAML or JSON): pretrain, evaluate or tune."),
     overrides: Optional[list[str]] = SetOption,
     follow: bool = typer.Option(False, "--follow", "-f", help="Follow the job to its end (Ctrl-C cancels it)."),
     serve_: bool = typer.Option(
