@@ -180,12 +180,12 @@ def _sigterm_interrupts() -> None:
 
 
 def _pretrain_on_ray(spec: PretrainSpec, out: Path) -> tuple[dict, dict]:
-    from .distributed.pretrain import cluster_cpus_needed, run_pretrain
+    from .distributed.pretrain import run_pretrain
     from .distributed.session import ray_session
 
     terminal = console.is_terminal or _force_progress()
     try:
-        with ray_session(cluster_cpus_needed(spec), log_to_driver=not terminal) as address:
+        with ray_session(_cpus_needed(spec), log_to_driver=not terminal) as address:
             console.print(f"Ray: {address}")
             _sigterm_interrupts()
             run = _run_with_progress(lambda cb: run_pretrain(spec, callbacks=cb, out_dir=out))
@@ -231,7 +231,7 @@ def _evaluate(spec: EvaluateSpec, local: bool = False, device: Optional[str] = N
             from .distributed.evaluate import run_evaluate
             from .distributed.session import ray_session
 
-            with ray_session(spec.scaling.cpus_per_worker):
+            with ray_session(_cpus_needed(spec)):
                 _sigterm_interrupts()
                 result = run_evaluate(spec)
     except (ValueError, FileNotFoundError) as exc:

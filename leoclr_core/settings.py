@@ -56,6 +56,12 @@ class CoreSettings(BaseSettings):
         return self.storage_path or str(self.home / "ray")
 
 
+def prepare_sqlite(url: str) -> None:
+    """Create the folder of a `sqlite:///` database (SQLAlchemy and MLflow do not); other URLs: nothing."""
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+
+
 def core_settings() -> CoreSettings:
     """Read afresh each call, so that tests and the service can change the environment."""
     return CoreSettings()

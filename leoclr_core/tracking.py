@@ -26,8 +26,8 @@ from mlflow.tracking import MlflowClient
 from . import contract
 from .contract import TAG_JOB, TAG_KIND, TAG_STORAGE
 from .model import ImageEncoder
-from .settings import CoreSettings, core_settings
-from .spec import DataSpec, ModelSpec, PretrainSpec, RegisterSpec, flatten
+from .settings import CoreSettings, core_settings, prepare_sqlite
+from .spec import DataSpec, ModelSpec, RegisterSpec, flatten
 from .train import Callbacks, RunState
 
 log = logging.getLogger(__name__)
@@ -37,15 +37,10 @@ ENCODER_ARTIFACT = "encoder"
 
 def client(settings: CoreSettings | None = None) -> MlflowClient:
     uri = (settings or core_settings()).tracking_uri
-    _prepare_local_store(uri)
+    prepare_sqlite(uri)
     mlflow.set_tracking_uri(uri)  # mlflow.pytorch.load_model and the registry read it
     mlflow.set_registry_uri(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def _prepare_local_store(uri: str) -> None:
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
 
 
 def ensure_experiment(c: MlflowClient, name: str, settings: CoreSettings | None = None) -> str:

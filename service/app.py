@@ -10,6 +10,7 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, sta
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+from starlette.concurrency import run_in_threadpool
 
 from leoclr_core.spec import KINDS, SpecError, parse_spec
 
@@ -206,8 +207,6 @@ def create_app(settings: ServiceSettings | None = None, runner: Runner | None = 
                 except Exception as exc:  # noqa: BLE001 - the stream is open: say it in-band
                     yield f"\n[leoclr] log stream ended: {exc}\n"
             return StreamingResponse(stream(), media_type="text/plain")
-        from starlette.concurrency import run_in_threadpool
-
         try:
             text = await run_in_threadpool(run.logs, job.submission_id)
         except Exception as exc:  # noqa: BLE001 - Ray is down or forgot the job: a clear 503

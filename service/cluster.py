@@ -59,7 +59,7 @@ class EmbeddedHead:
         os.killpg(self.pid, signal.SIGKILL)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -82,7 +82,7 @@ def ensure_head(data_dir: Path, num_cpus: int | None = None, timeout: float = 12
             pass
     # Every port explicit: another Ray on this machine (a second data directory, a test cluster)
     # holds the defaults, and a dashboard agent that cannot bind its port cannot run jobs.
-    port, dash, agent, agent_grpc, metrics, runtime_env = (_free_port() for _ in range(6))
+    port, dash, agent, agent_grpc, metrics, runtime_env = (free_port() for _ in range(6))
     ray = str(Path(sys.executable).with_name("ray"))
     cmd = [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",

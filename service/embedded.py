@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,13 +16,8 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from .client import ApiClient
+from .cluster import free_port
 from .settings import ServiceSettings
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
@@ -31,7 +25,7 @@ def embedded_service(num_cpus: int | None = None, settings: ServiceSettings | No
                      timeout: float = 180.0) -> Iterator[ApiClient]:
     s = settings or ServiceSettings()
     s.home.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "leoclr_core.cli", "serve", "--port", str(port)]
     if num_cpus:
         cmd += ["--num-cpus", str(num_cpus)]

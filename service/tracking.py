@@ -17,6 +17,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from leoclr_core import contract
+from leoclr_core.settings import prepare_sqlite
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +33,7 @@ def _num(metrics: dict[str, float], key: str, cast: type = float) -> Any:
 
 class Tracking:
     def __init__(self, tracking_uri: str):
-        if tracking_uri.startswith("sqlite:///"):
-            from pathlib import Path
-
-            Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        prepare_sqlite(tracking_uri)
         self.uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         self._runs: dict[str, str] = {}  # job id -> run id, found once

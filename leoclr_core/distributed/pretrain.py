@@ -276,6 +276,15 @@ def cluster_cpus_needed(spec: PretrainSpec) -> float:
     return need
 
 
+def resolve_storage(storage: str) -> str:
+    """Ray Train and Tune want an absolute path (created here) or a URI."""
+    if "://" in storage:
+        return storage
+    path = Path(storage).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
 def run_pretrain(
     spec: PretrainSpec,
     *,
@@ -294,10 +303,7 @@ def run_pretrain(
     cb = callbacks or Callbacks()
     out = Path(out_dir) if out_dir else spec.out_dir
     started = time.perf_counter()
-    storage = spec.checkpoint.storage_path or s.ray_storage
-    if "://" not in storage:  # Ray Train wants an absolute path or a URI
-        storage = str(Path(storage).expanduser().resolve())
-        Path(storage).mkdir(parents=True, exist_ok=True)
+    storage = resolve_storage(spec.checkpoint.storage_path or s.ray_storage)
     # Ray Train v2 resumes a run re-run under the same name and storage; resume: false gets a fresh name.
     run_name = spec.name if spec.checkpoint.resume else f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_id = tracking.start_job_run(spec, f"{storage}/{run_name}", settings=s, experiment=experiment,

@@ -29,7 +29,7 @@ from ray import tune
 from .. import contract, tracking
 from ..settings import CoreSettings, core_settings
 from ..spec import SearchDim, TuneSpec
-from .pretrain import cluster_cpus_needed, run_pretrain
+from .pretrain import cluster_cpus_needed, resolve_storage, run_pretrain
 
 log = logging.getLogger(__name__)
 
@@ -188,9 +188,7 @@ def run_tune(spec: TuneSpec, *, out_dir: Path | None = None, settings: CoreSetti
     started = time.perf_counter()
     cpus = per_trial_cpus(spec)
     cluster_check(spec, cpus)
-    storage = str(Path(s.ray_storage).expanduser().resolve()) if "://" not in s.ray_storage else s.ray_storage
-    if "://" not in storage:
-        Path(storage).mkdir(parents=True, exist_ok=True)
+    storage = resolve_storage(s.ray_storage)
     parent = tracking.start_job_run(spec, f"{storage}/{spec.name}", settings=s)
     outcome = "FAILED"
     try:
