@@ -35,6 +35,7 @@ from .data import ImageSource, SyntheticObjects, build_source, collate_images
 from .data.jpeg import EncodedImages, collate_encoded, decode_batch, unpack
 from .engine import Runtime, build_optimizer, prepare_method, resolve_runtime, train_step
 from .methods import MomentumMethod, build_method
+from .prefetch import Prefetcher
 from .spec import PretrainSpec, SpecError, load_spec
 from .train import ViewDataset, collate_views, resize_for_batching
 from .views import make_view_transform
@@ -43,8 +44,12 @@ DEFAULT_SPEC = "configs/demo.yaml"
 JPEG_QUALITY = 90
 
 
+_START = time.perf_counter()
+
+
 def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+    """A progress line on stderr, stamped with the seconds since start (where a slow run's time went)."""
+    print(f"[bench +{time.perf_counter() - _START:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
 def device_name(device: torch.device) -> str:
@@ -102,9 +107,10 @@ def measure(step: Callable[[], torch.Tensor], warmup: int, steps: int, batch: in
 
 
 # ---------------------------------------------------------------- inputs
-def random_views(method: MomentumMethod, runtime: Runtime, batch: int, size: int) -> tuple[torch.Tensor, ...]:
-    """Views already on the device, shaped and laid out like the feed's: compute only, no input cost."""
-    return tuple(runtime.to_device(torch.randn(batch, 3, size, size, device=runtime.device))
+def random_views(method: MomentumMethod, runtime: Runtime, batch: int, size: int,
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+    """Views already on the device, shaped, typed and laid out like the feed's: compute only, no input cost."""
+    return tuple(runtime.to_device(torch.randn(batch, 3, size, size, device=runtime.device, dtype=dtype))
                  for _ in method.view_kinds)
 
 
@@ -154,8 +160,12 @@ def build_feed(spec: PretrainSpec, runtime: Runtime, images: ImageSource, jpeg: 
 
 
 def view_batches(feed: Feed, spec: PretrainSpec, method: MomentumMethod, runtime: Runtime,
-                 workers: int, num_batches: int) -> Iterator[tuple[torch.Tensor, ...]]:
-    """`num_batches` batches of views on the device, cycling through the dataset as often as needed."""
+                 workers: int, num_batches: int, prefetch: int = 2,
+                 compile_views: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
+    """`num_batches` batches of views on the device, cycling through the dataset as often as needed.
+
+    With `prefetch` > 0 on a GPU, decoding and views run that many batches ahead on a side stream.
+    """
     b, cuda = spec.optim.batch_size, runtime.device.type == "cuda"
     sampler = RandomSampler(feed.dataset, num_samples=num_batches * b,
                             generator=torch.Generator().manual_seed(spec.seed))
@@ -167,21 +177,28 @@ def view_batches(feed: Feed, spec: PretrainSpec, method: MomentumMethod, runtime
     d = spec.data
     maker = None
     if feed.batched:
-        maker = BatchedViews(spec.augment, d.image_size, d.mean, d.std, kinds=method.view_kinds)
-    for payload, _labels, _skipped in loader:
+        maker = BatchedViews(spec.augment, d.image_size, d.mean, d.std, kinds=method.view_kinds,
+                             compile=compile_views, dtype=runtime.view_dtype)
+
+    def prepare(item) -> tuple[torch.Tensor, ...]:
+        payload = item[0]
         if maker is None:
-            yield tuple(runtime.to_device(v) for v in payload)
-            continue
+            return tuple(runtime.to_device(v) for v in payload)
         if feed.jpeg:
             images = decode_batch(unpack(payload), runtime.device)
         else:
             images = payload.to(runtime.device, non_blocking=True)
-        yield tuple(runtime.to_device(v) for v in maker(images))
+        return tuple(runtime.to_device(v) for v in maker(images))
+
+    if prefetch > 0:
+        yield from Prefetcher(loader, prepare, runtime.device, depth=prefetch)
+    else:
+        yield from map(prepare, loader)
 
 
 # ---------------------------------------------------------------- one benchmark
 def run_bench(spec: PretrainSpec, *, device: torch.device, steps: int, warmup: int, data: str,
-              workers: int, max_images: int) -> dict:
+              workers: int, max_images: int, prefetch: int = 2, compile_views: bool | None = None) -> dict:
     """Measure compute-only then end-to-end throughput of `spec` on `device`; returns the record."""
     torch.manual_seed(spec.seed)
     runtime = resolve_runtime(spec.scaling, device)
@@ -197,9 +214,10 @@ def run_bench(spec: PretrainSpec, *, device: torch.device, steps: int, warmup: i
     m = spec.loss.momentum
 
     log(f"compute-only: {warmup} warm-up{' (compiling)' if runtime.compile else ''} + {steps} timed steps")
-    views = random_views(method, runtime, b, size)
-    compute = measure(lambda: train_step(method, optimizer, views, m, runtime), warmup, steps, b, device)
-    del views
+    dtype = runtime.view_dtype if augments_batched(spec, runtime) else torch.float32
+    views = [random_views(method, runtime, b, size, dtype)]  # a list, so the memory is freed right after
+    compute = measure(lambda: train_step(method, optimizer, views[0], m, runtime), warmup, steps, b, device)
+    views.clear()
     # Printed at once, so a run cut short during the end-to-end phase still leaves this figure.
     log(f"compute-only: {compute.instances_per_s:,.0f} instances/s"
         + (f" (first step {compute.first_step_s:.0f} s)" if compute.first_step_s is not None else ""))
@@ -211,9 +229,12 @@ def run_bench(spec: PretrainSpec, *, device: torch.device, steps: int, warmup: i
     data_s = time.perf_counter() - t0
     log(f"end-to-end ({feed.describe(device)}, {workers} loader workers): "
         f"{warmup} warm-up + {steps} timed steps")
-    batches = view_batches(feed, spec, method, runtime, workers, warmup + steps)
+    if compile_views is None:  # compiled views go with a compiled model, on a GPU
+        compile_views = runtime.compile and cuda
+    batches = view_batches(feed, spec, method, runtime, workers, warmup + steps, prefetch, compile_views)
     e2e = measure(lambda: train_step(method, optimizer, next(batches), m, runtime), warmup, steps, b, device)
     batches.close()
+    log(f"end-to-end: {e2e.instances_per_s:,.0f} instances/s (first step {e2e.first_step_s or 0:.1f} s)")
 
     compute_rate, e2e_rate = compute.instances_per_s, e2e.instances_per_s
     compile_s = None
@@ -223,6 +244,7 @@ def run_bench(spec: PretrainSpec, *, device: torch.device, steps: int, warmup: i
         "config": spec.name, "method": spec.method, "backbone": spec.model.backbone,
         "cifar_stem": spec.model.cifar_stem, "image_size": size, "batch_size": b,
         "compile": runtime.compile, "data": data, "feed": feed.describe(device), "loader_workers": workers,
+        "prefetch": prefetch if cuda else 0, "compile_views": compile_views and feed.batched,
         "images_prepared": count, "jpeg_kib_per_image": feed.jpeg_bytes / count / 1024 if feed.jpeg else None,
         "device": device.type, "device_name": device_name(device),
         "precision": "bf16" if runtime.autocast_dtype == torch.bfloat16 else "fp32",
@@ -284,6 +306,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--data", choices=("synthetic", "jpeg"), default="synthetic")
     p.add_argument("--loader-workers", type=int, default=None, help="default: scaling.loader_workers")
     p.add_argument("--max-images", type=int, default=4096, help="distinct images prepared (then cycled)")
+    p.add_argument("--prefetch", type=int, default=2,
+                   help="GPU: batches prepared ahead on a side stream (0: inline, between steps)")
+    p.add_argument("--compile-views", choices=("auto", "on", "off"), default="auto",
+                   help="compile the batched views (auto: when the model is compiled, on a GPU)")
     p.add_argument("--json", type=Path, default=None, help="write the record here")
     p.add_argument("--table", nargs="+", default=None, metavar="PATH",
                    help="merge JSON records (files or folders) into a markdown table")
@@ -310,6 +336,8 @@ def load_bench_spec(args: argparse.Namespace) -> PretrainSpec:
 def check_args(args: argparse.Namespace) -> str | None:
     if args.steps < 1 or args.warmup < 0 or args.max_images < 1:
         return "--steps and --max-images must be >= 1 and --warmup >= 0"
+    if args.prefetch < 0:
+        return "--prefetch must be >= 0"
     if args.loader_workers is not None and args.loader_workers < 0:
         return "--loader-workers must be >= 0"
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -340,7 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     workers = spec.scaling.loader_workers if args.loader_workers is None else args.loader_workers
     record = run_bench(spec, device=device, steps=args.steps, warmup=args.warmup, data=args.data,
-                       workers=workers, max_images=args.max_images)
+                       workers=workers, max_images=args.max_images, prefetch=args.prefetch,
+                       compile_views={"auto": None, "on": True, "off": False}[args.compile_views])
     print(markdown_table([record]), end="")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,7 @@ from .engine import (
 from .evaluate import EvalResult, evaluate_backbone
 from .methods import MomentumMethod, build_method
 from .model import build_backbone
+from .prefetch import Prefetcher
 from .spec import DataSpec, ModelSpec, PretrainSpec
 from .views import make_view_transform
 
@@ -110,7 +111,9 @@ class ViewFeed(Feed):
         self.runtime, self.spec, self.source = runtime, spec, source
         self.per_worker_batch = spec.optim.batch_size // dist.world_size()
         if self.batched:
-            self.maker = BatchedViews(aug, data.image_size, data.mean, data.std, kinds=method.view_kinds)
+            self.maker = BatchedViews(aug, data.image_size, data.mean, data.std, kinds=method.view_kinds,
+                                      compile=runtime.compile and runtime.device.type == "cuda",
+                                      dtype=runtime.view_dtype)
             self.dataset: Dataset = source
             self.collate = collate_images
         else:
@@ -146,14 +149,17 @@ class ViewFeed(Feed):
         gen = None
         if self.batched:
             gen = torch.Generator(device=self.runtime.device).manual_seed(seed)
-        for payload, _labels, skipped in loader:
+
+        def prepare(item) -> tuple[torch.Tensor, ...]:
+            payload, _labels, skipped = item
             self.skipped += skipped
             if self.batched:
                 images = payload.to(self.runtime.device, non_blocking=True)
-                views = self.maker(images, generator=gen)
-                yield tuple(self.runtime.to_device(v) for v in views)
-            else:
-                yield tuple(self.runtime.to_device(v) for v in payload)
+                payload = self.maker(images, generator=gen)
+            return tuple(self.runtime.to_device(v) for v in payload)
+
+        # On a GPU the next batches' views are made on a side stream while this one trains.
+        yield from Prefetcher(loader, prepare, self.runtime.device)
 
 
 @dataclass

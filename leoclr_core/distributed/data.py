@@ -39,6 +39,7 @@ from ..data.imagefolder import EXTENSIONS, ImageFolder, decode_image
 from ..data.parquet import cell_bytes, parquet_split_paths
 from ..engine import Runtime
 from ..methods import METHOD_REGISTRY, MomentumMethod
+from ..prefetch import Prefetcher
 from ..spec import PretrainSpec
 from ..train import Feed, epoch_seed, job_source, resize_for_batching
 from ..views import make_view_transform
@@ -210,7 +211,9 @@ class RayFeed(Feed):
         self.maker = None
         if augment_on_worker(spec):
             d = spec.data
-            self.maker = BatchedViews(spec.augment, d.image_size, d.mean, d.std, kinds=self.kinds)
+            self.maker = BatchedViews(spec.augment, d.image_size, d.mean, d.std, kinds=self.kinds,
+                                      compile=runtime.compile and runtime.device.type == "cuda",
+                                      dtype=runtime.view_dtype)
         self.skipped = 0
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, ...]]:
@@ -220,11 +223,14 @@ class RayFeed(Feed):
             local_shuffle_buffer_size=2 * self.batch, local_shuffle_seed=seed,
         )
         gen = torch.Generator(device=self.runtime.device).manual_seed(seed) if self.maker else None
-        for batch in batches:
+
+        def prepare(batch) -> tuple[torch.Tensor, ...]:
             if self.maker is not None:
                 images = batch[IMAGE].to(self.runtime.device, non_blocking=True).permute(0, 3, 1, 2)
-                yield tuple(self.runtime.to_device(v) for v in self.maker(images, generator=gen))
-            else:
-                yield tuple(self.runtime.to_device(batch[f"view{k}"]).float() for k in range(len(self.kinds)))
+                return tuple(self.runtime.to_device(v) for v in self.maker(images, generator=gen))
+            return tuple(self.runtime.to_device(batch[f"view{k}"]).float() for k in range(len(self.kinds)))
+
+        # On a GPU the next batches' views are made on a side stream while this one trains.
+        yield from Prefetcher(batches, prepare, self.runtime.device)
         if self.counter is not None:
             self.skipped = int(ray.get(self.counter.count.remote()))

@@ -273,3 +273,56 @@ def test_blur_matches_torchvision(batch, small_conv, monkeypatch):
 
 def test_blur_kernel_is_about_a_tenth_of_the_view():
     assert [A.blur_kernel_size(s) for s in (16, 32, 64, 96, 224)] == [3, 3, 7, 9, 23]
+
+
+@pytest.mark.parametrize("h, w, k", [(16, 16, 3), (12, 20, 5), (9, 7, 7), (64, 64, 23)])
+def test_matmul_blur_equals_conv_blur(h, w, k):
+    """The banded-matrix blur (the GPU path) reproduces the convolution, reflect padding included."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(5, 3, h, w, generator=g)
+    sigma = 0.1 + 1.9 * torch.rand(5, generator=g)
+    apply = torch.tensor([True, False, True, True, False])
+    torch.testing.assert_close(A.gaussian_blur_matmul(x, sigma, k, apply), A.gaussian_blur(x, sigma, k, apply),
+                               atol=1e-6, rtol=0)
+    assert torch.equal(A.gaussian_blur_matmul(x, sigma, k, apply)[~apply], x[~apply])
+
+
+def test_blur_matrix_rows_sum_to_one_and_refuse_a_too_long_kernel():
+    kernels = A.gaussian_kernels(torch.tensor([0.5, 2.0]), 7)
+    m = A.blur_matrices(kernels, 10)
+    torch.testing.assert_close(m.sum(dim=2), torch.ones(2, 10))
+    with pytest.raises(ValueError, match="more than 3 px"):
+        A.reflect_index(3, 7)
+
+
+def _views_pair(dtype, blur="auto", compile=False):
+    images = smooth_images(12, 40, 36, seed=3)
+    out = []
+    for d, c in ((torch.float32, False), (dtype, compile)):
+        maker = A.BatchedViews(AugmentSpec(), 32, MEAN, STD, blur=blur, dtype=d, compile=c)
+        out.append(maker(images, generator=torch.Generator().manual_seed(7)))
+    return out
+
+
+def test_half_precision_views_stay_close_to_float32():
+    """float16 photometric ops (what a bf16 run on CUDA uses): same draws, errors below bf16 rounding."""
+    full, half = _views_pair(torch.float16, blur="matmul")
+    for a, b in zip(full, half):
+        assert b.dtype == torch.float16 and torch.isfinite(b).all()
+        err = (unnormalise(b.float()) - unnormalise(a)).abs()
+        assert err.max() < 4 / 255 and err.mean() < 0.2 / 255
+
+
+def test_views_refuse_unknown_blur_and_dtype():
+    with pytest.raises(ValueError, match="blur must be one of"):
+        A.BatchedViews(AugmentSpec(), 16, MEAN, STD, blur="fft")
+    with pytest.raises(ValueError, match="dtype must be"):
+        A.BatchedViews(AugmentSpec(), 16, MEAN, STD, dtype=torch.bfloat16)
+
+
+@pytest.mark.slow
+def test_compiled_views_equal_eager_views():
+    """torch.compile fuses the ops (on a GPU); it must not change a view."""
+    eager, compiled = _views_pair(torch.float32, compile=True)
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
