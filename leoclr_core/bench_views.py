@@ -134,13 +134,19 @@ def run(spec: PretrainSpec, *, device: torch.device, batch: int, reps: int, warm
     kinds = METHOD_REGISTRY[spec.method].view_kinds
     torch.manual_seed(spec.seed)
     log(f"rendering {batch} images of {spec.data.source}")
-    cpu_images = torch.stack([bench_images(spec, batch)[i][0] for i in range(batch)])
+    source = bench_images(spec, batch)
+    cpu_images = torch.stack([source[i][0] for i in range(batch)])
     images = cpu_images.to(device)
     _, _, h, w = images.shape
     rows: list[dict] = []
 
     def add(group: str, name: str, fn: Callable[[], object], n_warmup: int = warmup) -> None:
-        ms = time_call(fn, device, reps, n_warmup)
+        try:
+            ms = time_call(fn, device, reps, n_warmup)
+        except Exception as exc:  # noqa: BLE001 - one failing row must not lose the others
+            rows.append({"group": group, "name": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
+            log(f"{group:6s} {name:28s} failed: {type(exc).__name__}: {exc}")
+            return
         rows.append({"group": group, "name": name, "ms": ms, "inst_per_s": batch / ms * 1e3})
         log(f"{group:6s} {name:28s} {ms:9.2f} ms  {batch / ms * 1e3:12,.0f} instances/s")
 
@@ -160,9 +166,14 @@ def run(spec: PretrainSpec, *, device: torch.device, batch: int, reps: int, warm
             continue
         if name.endswith("compiled"):
             start = time.perf_counter()
-            maker(images)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            try:
+                maker(images)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+            except Exception as exc:  # noqa: BLE001 - recorded, the other rows still run
+                rows.append({"group": "whole", "name": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
+                log(f"whole  {name:28s} failed to compile: {type(exc).__name__}: {exc}")
+                continue
             log(f"{name}: compiled in {time.perf_counter() - start:.1f} s")
         add("whole", name, lambda m=maker: m(images))
     return {

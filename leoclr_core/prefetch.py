@@ -46,6 +46,8 @@ class Prefetcher(Generic[T]):
             raise ValueError(f"depth must be >= 1, got {depth}")
         self.device = torch.device(device)
         cuda = self.device.type == "cuda"
+        if cuda and self.device.index is None:  # the thread must select the same device explicitly
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.threaded = cuda if threaded is None else threaded
         self.items, self.prepare, self.depth = items, prepare, depth
         self._stream = torch.cuda.Stream(self.device) if cuda and self.threaded else None
