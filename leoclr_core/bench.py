@@ -17,8 +17,10 @@ Imports only torch, torchvision, numpy, PIL, yaml, pydantic (via spec) and the s
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
+import math
 import platform
 import sys
 import time
@@ -211,6 +213,9 @@ def run_bench(spec: PretrainSpec, *, device: torch.device, steps: int, warmup: i
     method.train()
     optimizer = build_optimizer(method, spec.optim)
     build_s = time.perf_counter() - t0
+    # Both phases start from these weights: the compute-only phase fits one static random batch,
+    # which must not become the starting point of the end-to-end phase.
+    initial = copy.deepcopy(method.state_dict()), copy.deepcopy(optimizer.state_dict())
     m = spec.loss.momentum
 
     log(f"compute-only: {warmup} warm-up{' (compiling)' if runtime.compile else ''} + {steps} timed steps")
@@ -222,6 +227,8 @@ def run_bench(spec: PretrainSpec, *, device: torch.device, steps: int, warmup: i
     log(f"compute-only: {compute.instances_per_s:,.0f} instances/s"
         + (f" (first step {compute.first_step_s:.0f} s)" if compute.first_step_s is not None else ""))
 
+    method.load_state_dict(initial[0])  # in place: compiled graphs stay valid
+    optimizer.load_state_dict(initial[1])
     count = max(b, min(max_images, (warmup + steps) * b, spec.data.num_images or max_images))
     log(f"preparing {count} images ({data}) for the end-to-end run")
     t0 = time.perf_counter()
@@ -235,6 +242,11 @@ def run_bench(spec: PretrainSpec, *, device: torch.device, steps: int, warmup: i
     e2e = measure(lambda: train_step(method, optimizer, next(batches), m, runtime), warmup, steps, b, device)
     batches.close()
     log(f"end-to-end: {e2e.instances_per_s:,.0f} instances/s (first step {e2e.first_step_s or 0:.1f} s)")
+    finite = {}
+    for name, phase in (("compute", compute), ("e2e", e2e)):
+        finite[name] = math.isfinite(phase.last_loss)
+        if not finite[name]:  # a rate measured on NaNs is still a rate, but not of a working training run
+            log(f"WARNING: the {name} phase ended with a non-finite loss ({phase.last_loss})")
 
     compute_rate, e2e_rate = compute.instances_per_s, e2e.instances_per_s
     compile_s = None
@@ -251,6 +263,7 @@ def run_bench(spec: PretrainSpec, *, device: torch.device, steps: int, warmup: i
         "channels_last": runtime.channels_last, "steps": steps, "warmup": warmup,
         "compute_inst_per_s": compute_rate, "e2e_inst_per_s": e2e_rate,
         "ratio": e2e_rate / compute_rate if compute_rate > 0 else 0.0,
+        "loss_finite": finite,
         "compile_s": compile_s, "setup_s": {"build": build_s, "data": data_s},
         "phases": {"compute": asdict(compute), "e2e": asdict(e2e)},
         "peak_gpu_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
@@ -262,7 +275,7 @@ def run_bench(spec: PretrainSpec, *, device: torch.device, steps: int, warmup: i
 
 # ---------------------------------------------------------------- tables
 COLUMNS = ("config", "device", "method", "backbone", "px", "batch", "compile", "data",
-           "compute inst/s", "e2e inst/s", "e2e/compute", "compile s", "peak GiB")
+           "input path", "compute inst/s", "e2e inst/s", "e2e/compute", "compile s", "peak GiB", "final loss")
 
 
 def _fmt(value, spec: str = ",.0f") -> str:
@@ -273,11 +286,26 @@ def table_row(r: dict) -> list[str]:
     """One markdown row; a record with an `error` (a failed or skipped run) keeps its name and says why."""
     if "error" in r:
         return [str(r.get("config", "?")), "-", str(r.get("method", "-")), "-", "-", "-",
-                "on" if r.get("compile") else "off", "-", str(r["error"]), "-", "-", "-", "-"]
+                "on" if r.get("compile") else "off", "-", "-", str(r["error"]), "-", "-", "-", "-", "-"]
     return [r["config"], r["device_name"], r["method"], r["backbone"], str(r["image_size"]),
-            str(r["batch_size"]), "on" if r["compile"] else "off", r["data"],
+            str(r["batch_size"]), "on" if r["compile"] else "off", r["data"], input_path(r),
             _fmt(r["compute_inst_per_s"]), _fmt(r["e2e_inst_per_s"]),
-            _fmt(r["ratio"], ".2f"), _fmt(r.get("compile_s"), ".0f"), _fmt(r.get("peak_gpu_mem_gib"), ".1f")]
+            _fmt(r["ratio"], ".2f"), _fmt(r.get("compile_s"), ".0f"), _fmt(r.get("peak_gpu_mem_gib"), ".1f"),
+            final_losses(r)]
+
+
+def input_path(r: dict) -> str:
+    """How views reached the step: made ahead on a side stream or inline, compiled or eager."""
+    if "prefetch" not in r:
+        return "-"
+    ahead = f"{r['prefetch']} ahead" if r["prefetch"] else "inline"
+    return ahead + (", compiled views" if r.get("compile_views") else "")
+
+
+def final_losses(r: dict) -> str:
+    """The last loss of each phase, "compute / e2e": a NaN there means the rate is not of a working run."""
+    phases = r.get("phases", {})
+    return " / ".join(format(phases[k]["last_loss"], ".2f") if k in phases else "-" for k in ("compute", "e2e"))
 
 
 def markdown_table(records: Sequence[dict]) -> str:

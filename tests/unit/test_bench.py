@@ -58,12 +58,28 @@ def test_bench_measures_compute_and_end_to_end_rates(spec_file, tmp_path, capsys
     assert record["method"] == method and record["data"] == data and record["batch_size"] == 16
     assert record["spec"]["method"] == method and record["spec"]["model"]["width"] == 4
     assert record["torch"] == torch.__version__ and record["date"]
+    assert record["loss_finite"] == {"compute": True, "e2e": True}
     # only what the run consumes is rendered: (warm-up + timed steps) x batch, not data.num_images
     assert record["images_prepared"] == 3 * 16
     assert (record["jpeg_kib_per_image"] > 0) if data == "jpeg" else record["jpeg_kib_per_image"] is None
     for phase in record["phases"].values():
         assert phase["steps"] == 2 and phase["seconds"] > 0 and phase["last_loss"] == phase["last_loss"]
     assert "tiny-bench" in capsys.readouterr().out
+
+
+def test_both_phases_start_from_the_same_weights(spec_file, tmp_path, monkeypatch):
+    """The compute-only phase fits one static random batch; the end-to-end phase must not inherit that."""
+    import leoclr_core.bench as bench
+
+    sums, real = [], bench.train_step
+
+    def spy(method, optimizer, views, m, runtime):
+        sums.append(sum(p.detach().double().sum().item() for p in method.query_encoder.parameters()))
+        return real(method, optimizer, views, m, runtime)
+
+    monkeypatch.setattr(bench, "train_step", spy)
+    run(spec_file, tmp_path)  # 1 warm-up + 2 timed steps per phase
+    assert len(sums) == 6 and sums[3] == sums[0] and sums[1] != sums[0]
 
 
 def test_bench_per_sample_cpu_views_with_jpeg_decoded_in_workers(spec_file, tmp_path):
@@ -105,7 +121,7 @@ def test_table_merges_records_and_failures(tmp_path):
     base = {"config": "r18", "device_name": "GPU X", "method": "leoclr", "backbone": "resnet18",
             "image_size": 32, "batch_size": 512, "compile": False, "data": "synthetic",
             "compute_inst_per_s": 20000.0, "e2e_inst_per_s": 15000.0, "ratio": 0.75, "compile_s": None,
-            "peak_gpu_mem_gib": 3.25}
+            "peak_gpu_mem_gib": 3.25, "phases": {"compute": {"last_loss": 8.1}, "e2e": {"last_loss": float("nan")}}}
     (tmp_path / "01-a.json").write_text(json.dumps(base))
     compiled = {**base, "method": "mocov2", "compile": True, "compile_s": 41.6}
     failed = {"config": "r50", "method": "mocov2", "error": "exit 1, see 03-c.log"}
@@ -115,10 +131,11 @@ def test_table_merges_records_and_failures(tmp_path):
     assert main(["--table", str(tmp_path), "--out", str(out)]) == 0
     lines = out.read_text().splitlines()
     assert len(lines) == 5 and lines[0].startswith("| config | device |")
-    row = "| r18 | GPU X | leoclr | resnet18 | 32 | 512 | off | synthetic | " + "20,000 | 15,000 | 0.75 | - | 3.2 |"
+    row = "| r18 | GPU X | leoclr | resnet18 | 32 | 512 | off | synthetic | - | " + "20,000 | 15,000 | 0.75 | - | 3.2 | 8.10 / nan |"
     assert row in lines
     assert "| mocov2 |" in lines[3] and "| on |" in lines[3] and "| 42 |" in lines[3]
     assert "| r50 | - | mocov2 |" in lines[4] and "| exit 1, see 03-c.log |" in lines[4]
+    assert "| 2 ahead, compiled views |" in markdown_table([{**base, "prefetch": 2, "compile_views": True}])
     assert markdown_table([base]).splitlines()[2] == lines[2]
 
 
