@@ -173,7 +173,9 @@ def view_batches(feed: Feed, spec: PretrainSpec, method: MomentumMethod, runtime
                             generator=torch.Generator().manual_seed(spec.seed))
     loader = DataLoader(
         feed.dataset, batch_size=b, sampler=sampler, drop_last=True, collate_fn=feed.collate,
-        num_workers=workers, pin_memory=cuda, persistent_workers=workers > 0,
+        # JPEG bytes stay pageable: nvJPEG may read pinned input after decode returns, when the
+        # loader could already be refilling that pinned block with the next batch.
+        num_workers=workers, pin_memory=cuda and not feed.jpeg, persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
     )
     d = spec.data

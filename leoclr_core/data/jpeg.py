@@ -13,6 +13,7 @@ per image; `unpack` cuts it back into the list of per-image byte tensors that de
 
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import Sequence
 
@@ -85,10 +86,46 @@ def unpack(packed: tuple[torch.Tensor, torch.Tensor]) -> list[torch.Tensor]:
     return list(torch.split(flat, lengths.tolist()))
 
 
+_QUIET_STREAMS: dict[int, "torch.cuda.Stream"] = {}
+_QUIET_LOCK = threading.Lock()
+
+
+def _quiet_stream(index: int) -> "torch.cuda.Stream":
+    """A stream of this module's own on CUDA device `index` that never runs a kernel."""
+    with _QUIET_LOCK:
+        if index not in _QUIET_STREAMS:
+            _QUIET_STREAMS[index] = torch.cuda.Stream(index)
+        return _QUIET_STREAMS[index]
+
+
+def _decode_cuda(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """nvJPEG decode whose output memory no queued kernel can still be using.
+
+    Why: torchvision allocates the decoded images on the caller's current stream but writes them
+    from a stream of its own, which waits for nothing on the caller's. The caching allocator hands
+    out memory that is free *in the order of the allocating stream*: on a busy stream that can be
+    a block whose last kernels (a previous step's activations, a previous batch's views) are still
+    queued, and the JPEG bytes then land under them (read back as float16/bfloat16, garbage and
+    NaN). Allocated on a stream that never runs a kernel, a block is only ever handed out once
+    every stream that used it (recorded below) is past it.
+    """
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    device = torch.device("cuda", index)
+    current = torch.cuda.current_stream(device)
+    quiet = _quiet_stream(index)
+    with torch.cuda.stream(quiet):
+        images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    current.wait_stream(quiet)  # torchvision made `quiet` wait for its own stream
+    for image in images:
+        image.record_stream(current)
+    return images
+
+
 def decode_batch(encoded: Sequence[torch.Tensor], device: torch.device | str) -> torch.Tensor:
     """Decode a batch of same-sized JPEGs to uint8 (B, 3, H, W) on `device`.
 
-    On CUDA this is one batched nvJPEG call (the bytes stay on the CPU; nvJPEG reads them there);
+    On CUDA this is one batched nvJPEG call (the bytes stay on the CPU; nvJPEG reads them there;
+    pass pageable, not pinned, bytes: nvJPEG may still read pinned ones after this returns);
     elsewhere each image is decoded on the CPU and the stack moved to `device`.
     """
     device = torch.device(device)
@@ -96,7 +133,7 @@ def decode_batch(encoded: Sequence[torch.Tensor], device: torch.device | str) ->
     if not encoded:
         raise ValueError("decode_batch needs at least one encoded image")
     if device.type == "cuda":
-        images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+        images = _decode_cuda(encoded, device)
     else:
         images = [decode_jpeg(e, mode=ImageReadMode.RGB) for e in encoded]
     shapes = {tuple(im.shape) for im in images}
