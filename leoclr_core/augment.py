@@ -193,7 +193,8 @@ def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
     # (h - sextant start) * c for the max channel; at ties the candidate formulas agree.
     rise = torch.where(r == v, g - b, torch.where(g == v, b - r + 2 * c, r - g + 4 * c))
     # Grey pixels (c = 0) have rise 0, so any positive divisor works there (tiny: no fp16 underflow).
-    h = rise.div_(c.clamp_min(torch.finfo(c.dtype).tiny)).add_(6 * shift.reshape(-1, 1, 1, 1).to(x.dtype)).remainder_(6)
+    h = rise.div_(c.clamp_min(torch.finfo(c.dtype).tiny))
+    h = h.add_(6 * shift.reshape(-1, 1, 1, 1).to(x.dtype)).remainder_(6)
     red, green, blue = (h - 3).abs_().sub_(1), (h - 2).abs_().neg_().add_(2), (h - 4).abs_().neg_().add_(2)
     pure = torch.cat([red, green, blue], dim=1)
     return torch.addcmul(v - c, c, pure.clamp_(0, 1))
@@ -326,7 +327,8 @@ class BatchedViews:
     `dtype` float16 runs everything after the resampling (which stays float32: sample positions
     need its precision) in half precision: half the memory traffic of these memory-bound ops, for
     errors (mean 0.07/255, max under 2/255) below the bfloat16 rounding a bf16 model applies to
-    its input anyway. `blur`: "conv" (grouped convolution), "matmul" (banded matrices, see
+    its input anyway (measured on the CPU; float16 is meant for accelerators, where it is fast).
+    `blur`: "conv" (grouped convolution), "matmul" (banded matrices, see
     `gaussian_blur_matmul`) or "auto" (matmul on accelerators, conv on the CPU).
     """
 
@@ -403,7 +405,8 @@ class BatchedViews:
         else:
             x = torch.empty(n, 3, s, s, device=dev, dtype=self.dtype)
             for i in range(0, n, step):
-                x[i:i + step] = self._views(source, boxes[i:i + step], params.map(lambda t: t[i:i + step]), norm)
+                part = params.map(lambda t: t[i:i + step])
+                x[i:i + step] = self._views(source, boxes[i:i + step], part, norm)
         return tuple(x.view(len(self.kinds), b, 3, s, s).unbind(0))
 
     def _views(self, source: Tensor, boxes: Tensor, p: ViewParams, norm: tuple[Tensor, Tensor]) -> Tensor:
