@@ -8,9 +8,13 @@
 # Each row is its own python process (one failure or timeout does not stop the rest). Rows run
 # cheapest first (eager, then compiled), and one that no longer fits the time budget
 # (BENCH_BUDGET_S, default 330 s) is recorded as skipped, so the script always ends in time with a
-# table. Needs only torch, torchvision, numpy, pillow, pyyaml and pydantic (on PYTHONPATH is fine).
+# table. A row that fails on the default input path (views made 2 batches ahead on a side stream,
+# compiled views with a compiled model) is measured again on the plain one, and its record says so.
+# Needs only torch, torchvision, numpy, pillow, pyyaml and pydantic (on PYTHONPATH is fine).
+# bench/views.sh times the views alone (ours against kornia).
 #
 #   OUT=/some/dir bash bench/gpu.sh      # results: $OUT/NN-*.json, NN-*.log, table.md
+#   PREFETCH=0 COMPILE_VIEWS=off ...     # the plain input path for every row
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
