@@ -131,6 +131,17 @@ def train_step(
     return out.loss.detach()
 
 
+def check_finite(loss: float, step: int) -> None:
+    """Stop a run whose loss is NaN or infinite: every step after it would train on garbage.
+
+    The value is all-reduced, so every worker sees it and stops at the same step (no DDP hang).
+    """
+    if not math.isfinite(loss):
+        raise FloatingPointError(
+            f"the training loss is {loss} at step {step}: the run diverged or its input is broken "
+            "(a lower optim.lr, or a look at the data, usually tells which)")
+
+
 @dataclass
 class EpochResult:
     loss: float
@@ -186,9 +197,11 @@ def train_epoch(
         window_loss += loss
         if window_steps == log_every:
             now = time.perf_counter()
+            window_mean = float(dist.all_reduce_mean(window_loss / window_steps))  # the one sync per window
+            check_finite(window_mean, global_step)
             record = {
                 "step": global_step,
-                "loss": float(dist.all_reduce_mean(window_loss / window_steps)),  # the one sync per window
+                "loss": window_mean,
                 "lr": optimizer.param_groups[0]["lr"],
                 "momentum": m,
                 "instances_per_s": window_instances / max(now - window_start, 1e-9),
@@ -201,6 +214,7 @@ def train_epoch(
             window_start = now
     seconds = time.perf_counter() - start
     mean_loss = float(dist.all_reduce_mean(loss_sum / max(steps, 1)))
+    check_finite(mean_loss, global_step)
     return EpochResult(
         loss=mean_loss,
         steps=steps,

@@ -175,3 +175,16 @@ def test_two_workers_gather_keys_before_enqueue_and_stay_in_sync():
     assert torch.equal(r0["queue"][16:], r0["before"][16:])
     # DDP averaged the gradients: both query encoders took the same step
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(r0["query"], r1["query"]))
+
+
+def test_an_epoch_stops_with_a_clear_error_when_the_loss_is_not_finite():
+    from leoclr_core.engine import build_scheduler, train_epoch
+
+    method = prepare_method(make(), CPU)
+    optimizer = build_optimizer(method, OptimSpec())
+    scheduler = build_scheduler(optimizer, OptimSpec(epochs=1), steps_per_epoch=4)
+    broken = tuple(torch.full((8, 3, 16, 16), float("nan")) for _ in range(3))
+    batches = [views(), views(seed=2), broken, views(seed=3)]
+    with pytest.raises(FloatingPointError, match="the training loss is nan at step 4"):
+        train_epoch(method, optimizer, scheduler, batches, CPU, global_step=0, total_steps=4,
+                    momentum_base=0.99, momentum_schedule="constant", log_every=2)
