@@ -65,7 +65,8 @@ row() {
     --prefetch "$PREFETCH" --compile-views "$COMPILE_VIEWS" "${args[@]}" "$@" 2>&1 | tee "$OUT/$id.log"
   local rc=${PIPESTATUS[0]}
   echo "=== $id: exit $rc after $((SECONDS - t0))s"
-  if ((rc != 0 && rc != 124 && rc != 137)) && [[ $PREFETCH != 0 || $COMPILE_VIEWS != off ]]; then
+  # exit 2 is the bench refusing its arguments or spec: the plain path would refuse them too.
+  if ((rc != 0 && rc != 2 && rc != 124 && rc != 137)) && [[ $PREFETCH != 0 || $COMPILE_VIEWS != off ]]; then
     # A failure of the newer input path (prefetch thread, compiled views) must not cost the row:
     # measure it again with the plain path, and say so in the record.
     left=$((BUDGET_S - (SECONDS - START)))
