@@ -36,8 +36,8 @@ class Prefetcher(Generic[T]):
 
     Order is kept, so a seeded generator used inside `prepare` gives the same views as inline.
     An exception in `prepare` or in `items` is raised from the iteration, at the item it hit.
-    `close()` (also on garbage collection, and when the loop breaks early via `with`) stops the
-    thread after the item it is on.
+    The thread stops after the item it is on when the iteration ends, is closed or is collected
+    (a `for` loop that breaks), or on `close()` / leaving a `with` block.
     """
 
     def __init__(self, items: Iterable[T], prepare: Callable[[T], Batch], device: torch.device | str,
