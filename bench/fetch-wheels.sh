@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a machine with a package index: download what a bare GPU box (Python 3.12, torch and
-# torchvision already there) needs to run the benches, into .whl/ (git-ignored by the caller:
-# `echo /.whl/ >> .git/info/exclude`). bench/device-run.sh installs them there.
+# torchvision already there) needs to run the benches, into .whl/ (git-ignored; the device tool
+# takes it along when a call names it in `carry`). bench/device-run.sh installs them there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
