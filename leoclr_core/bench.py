@@ -32,14 +32,13 @@ import torch
 import torchvision
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from .augment import BatchedViews
 from .data import ImageSource, SyntheticObjects, build_source, collate_images
 from .data.jpeg import EncodedImages, collate_encoded, decode_batch, unpack
 from .engine import Runtime, build_optimizer, prepare_method, resolve_runtime, train_step
 from .methods import MomentumMethod, build_method
 from .prefetch import Prefetcher
 from .spec import PretrainSpec, SpecError, load_spec
-from .train import ViewDataset, collate_views, resize_for_batching
+from .train import ViewDataset, augments_batched, batched_views, collate_views, resize_for_batching
 from .views import make_view_transform
 
 DEFAULT_SPEC = "configs/demo.yaml"
@@ -125,12 +124,6 @@ def bench_images(spec: PretrainSpec, count: int) -> ImageSource:
                         resize_to=resize_for_batching(data))
 
 
-def augments_batched(spec: PretrainSpec, runtime: Runtime) -> bool:
-    """The same rule as the training feed: batched views on the device, or per sample in workers."""
-    aug = spec.augment
-    return aug.device == "gpu" or (aug.device == "auto" and runtime.device.type == "cuda") or aug.batched
-
-
 @dataclass
 class Feed:
     """The end-to-end input path of one config: what the loader serves and how a batch becomes views."""
@@ -178,11 +171,7 @@ def view_batches(feed: Feed, spec: PretrainSpec, method: MomentumMethod, runtime
         num_workers=workers, pin_memory=cuda and not feed.jpeg, persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
     )
-    d = spec.data
-    maker = None
-    if feed.batched:
-        maker = BatchedViews(spec.augment, d.image_size, d.mean, d.std, kinds=method.view_kinds,
-                             compile=compile_views, dtype=runtime.view_dtype)
+    maker = batched_views(spec, method.view_kinds, runtime, compile_views) if feed.batched else None
 
     def prepare(item) -> tuple[torch.Tensor, ...]:
         payload = item[0]
@@ -238,8 +227,8 @@ def run_bench(spec: PretrainSpec, *, device: torch.device, steps: int, warmup: i
     data_s = time.perf_counter() - t0
     log(f"end-to-end ({feed.describe(device)}, {workers} loader workers): "
         f"{warmup} warm-up + {steps} timed steps")
-    if compile_views is None:  # compiled views go with a compiled model, on a GPU
-        compile_views = runtime.compile and cuda
+    if compile_views is None:
+        compile_views = runtime.compile_views
     batches = view_batches(feed, spec, method, runtime, workers, warmup + steps, prefetch, compile_views)
     e2e = measure(lambda: train_step(method, optimizer, next(batches), m, runtime), warmup, steps, b, device)
     batches.close()

@@ -30,8 +30,8 @@ import torch.nn as nn
 from torchvision.io import encode_jpeg
 from torchvision.ops import roi_align
 
-from .augment import (BatchedViews, ViewParams, blur_kernel_size, color_jitter, gaussian_blur,
-                      gaussian_blur_matmul, grayscale, sample_view_params)
+from .augment import (BatchedViews, blur_kernel_size, color_jitter, gaussian_blur, gaussian_blur_matmul,
+                      grayscale)
 from .bench import bench_images, device_name, resolve_spec_path
 from .data.jpeg import decode_batch
 from .methods import METHOD_REGISTRY
@@ -96,20 +96,18 @@ def stage_calls(maker: BatchedViews, images: torch.Tensor) -> dict[str, Callable
     """Each stage of `maker` alone, on inputs prepared once (so a stage's time is its own)."""
     aug, dev, b = maker.aug, images.device, images.shape[0]
     h, w, s = images.shape[2], images.shape[3], maker.size
-    boxes = maker._boxes(b, h, w, None, dev)
-    params = ViewParams.cat([sample_view_params(b, aug, None, dev, photometric=p, flip=f)
-                             for p, f in maker._switches])
+    boxes, params = maker.sample(b, h, w, None, dev)
     source = images.float().mul_(1 / 255)
-    x = roi_align(source, boxes, (s, s), 1.0, -1, True).clamp_(0, 1).to(maker.dtype)
+    resampled = roi_align(source, boxes, (s, s), 1.0, -1, True).clamp_(0, 1)  # float32
+    x = resampled.to(maker.dtype)
     k = maker.kernel_size
     mean, inv_std = maker._normaliser(dev)
     col = params.flip.view(-1, 1, 1, 1)
     return {
-        "sample params": lambda: (maker._boxes(b, h, w, None, dev), ViewParams.cat(
-            [sample_view_params(b, aug, None, dev, photometric=p, flip=f) for p, f in maker._switches])),
+        "sample params": lambda: maker.sample(b, h, w, None, dev),
         "uint8 -> float": lambda: images.float().mul_(1 / 255),
         "crops + resize (roi_align)": lambda: roi_align(source, boxes, (s, s), 1.0, -1, True).clamp_(0, 1),
-        "to working dtype": lambda: x.to(maker.dtype, copy=True),
+        "to working dtype": lambda: resampled.to(maker.dtype, copy=True),
         "flip": lambda: torch.where(col, x.flip(-1), x),
         "colour jitter": lambda: color_jitter(x, params.factors, params.order, with_hue=aug.hue > 0),
         "grayscale": lambda: torch.where(params.grayscale.view(-1, 1, 1, 1), grayscale(x).expand_as(x), x),
@@ -140,12 +138,17 @@ def run(spec: PretrainSpec, *, device: torch.device, batch: int, reps: int, warm
     _, _, h, w = images.shape
     rows: list[dict] = []
 
-    def add(group: str, name: str, fn: Callable[[], object], n_warmup: int = warmup) -> None:
+    def fail(group: str, name: str, error: str) -> None:
+        rows.append({"group": group, "name": name, "error": error[:300]})
+        log(f"{group:6s} {name:28s} failed: {error}")
+
+    def add(group: str, name: str, fn: Callable[[], object], compiles: bool = False) -> None:
         try:
-            ms = time_call(fn, device, reps, n_warmup)
+            if compiles:  # the first call compiles: timed apart, never part of the figure
+                log(f"{name}: compiled in {time_call(fn, device, 1, 0) / 1e3:.1f} s")
+            ms = time_call(fn, device, reps, warmup)
         except Exception as exc:  # noqa: BLE001 - one failing row must not lose the others
-            rows.append({"group": group, "name": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
-            log(f"{group:6s} {name:28s} failed: {type(exc).__name__}: {exc}")
+            fail(group, name, f"{type(exc).__name__}: {exc}")
             return
         rows.append({"group": group, "name": name, "ms": ms, "inst_per_s": batch / ms * 1e3})
         log(f"{group:6s} {name:28s} {ms:9.2f} ms  {batch / ms * 1e3:12,.0f} instances/s")
@@ -161,21 +164,9 @@ def run(spec: PretrainSpec, *, device: torch.device, batch: int, reps: int, warm
         try:
             maker = make_impl(name, spec, kinds)
         except ImportError as exc:
-            rows.append({"group": "whole", "name": name, "error": f"not installed: {exc.name}"})
-            log(f"whole  {name:28s} skipped: {exc.name} is not installed")
+            fail("whole", name, f"not installed: {exc.name}")
             continue
-        if name.endswith("compiled"):
-            start = time.perf_counter()
-            try:
-                maker(images)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-            except Exception as exc:  # noqa: BLE001 - recorded, the other rows still run
-                rows.append({"group": "whole", "name": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
-                log(f"whole  {name:28s} failed to compile: {type(exc).__name__}: {exc}")
-                continue
-            log(f"{name}: compiled in {time.perf_counter() - start:.1f} s")
-        add("whole", name, lambda m=maker: m(images))
+        add("whole", name, lambda m=maker: m(images), compiles=name.endswith("compiled"))
     return {
         "config": spec.name, "method": spec.method, "views": list(kinds), "batch": batch,
         "source_px": [h, w], "view_px": spec.data.image_size, "device": device.type,

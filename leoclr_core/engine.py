@@ -43,6 +43,12 @@ class Runtime:
         cuda_autocast = self.device.type == "cuda" and self.autocast_dtype is not None
         return torch.float16 if cuda_autocast else torch.float32
 
+    @property
+    def compile_views(self) -> bool:
+        """Batched views are compiled along with a compiled model on CUDA (where fusing their dozens
+        of elementwise passes pays; on a CPU the chunked eager path is as fast)."""
+        return self.compile and self.device.type == "cuda"
+
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
         t = t.to(self.device, non_blocking=True)
         if self.channels_last and t.dim() == 4:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from typing import Callable, Generic, Iterable, Iterator, TypeVar
 
 import torch
@@ -37,7 +36,7 @@ class Prefetcher(Generic[T]):
     Order is kept, so a seeded generator used inside `prepare` gives the same views as inline.
     An exception in `prepare` or in `items` is raised from the iteration, at the item it hit.
     The thread stops after the item it is on when the iteration ends, is closed or is collected
-    (a `for` loop that breaks), or on `close()` / leaving a `with` block.
+    (a `for` loop that breaks), or on `close()`.
     """
 
     def __init__(self, items: Iterable[T], prepare: Callable[[T], Batch], device: torch.device | str,
@@ -120,20 +119,6 @@ class Prefetcher(Generic[T]):
     def close(self, timeout: float = 30.0) -> None:
         """Stop the producer: it ends after its current item. Waits at most `timeout` seconds (a
         source blocked for longer is left to its daemon thread rather than hanging the caller)."""
-        self._stop.set()
-        thread = self._thread
-        if thread is None or thread is threading.current_thread():
-            return
-        deadline = time.monotonic() + timeout
-        while thread.is_alive() and time.monotonic() < deadline:
-            try:  # unblock a producer waiting on a full queue
-                self._queue.get_nowait()
-            except queue.Empty:
-                pass
-            thread.join(timeout=0.05)
-
-    def __enter__(self) -> "Prefetcher[T]":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        self._stop.set()  # a producer waiting for room in the queue sees it within 0.1 s
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)

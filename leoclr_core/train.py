@@ -72,6 +72,22 @@ def collate_views(batch):
     return views, labels, sum(b[2] for b in batch)
 
 
+def augments_batched(spec: PretrainSpec, runtime: Runtime) -> bool:
+    """Views batched on the training device (`augment.device` gpu, or auto on CUDA, or `batched`),
+    or else per sample in loader workers."""
+    aug = spec.augment
+    return aug.device == "gpu" or (aug.device == "auto" and runtime.device.type == "cuda") or aug.batched
+
+
+def batched_views(spec: PretrainSpec, kinds: tuple[str, ...], runtime: Runtime,
+                  compile: bool | None = None) -> BatchedViews:
+    """The on-device view maker of every feed: in `runtime.view_dtype`, compiled when
+    `runtime.compile_views` (or as `compile` says)."""
+    d = spec.data
+    return BatchedViews(spec.augment, d.image_size, d.mean, d.std, kinds=kinds, dtype=runtime.view_dtype,
+                        compile=runtime.compile_views if compile is None else compile)
+
+
 def resize_for_batching(data: DataSpec) -> int:
     """Square size file images are decoded to, so that batches stack (views, feature extraction)."""
     return max(data.image_size, round(data.image_size * 8 / 7))
@@ -106,14 +122,11 @@ class ViewFeed(Feed):
 
     def __init__(self, spec: PretrainSpec, method: MomentumMethod, runtime: Runtime, source: ImageSource):
         aug, data = spec.augment, spec.data
-        on_device = aug.device == "gpu" or (aug.device == "auto" and runtime.device.type == "cuda")
-        self.batched = on_device or aug.batched
+        self.batched = augments_batched(spec, runtime)
         self.runtime, self.spec, self.source = runtime, spec, source
         self.per_worker_batch = spec.optim.batch_size // dist.world_size()
         if self.batched:
-            self.maker = BatchedViews(aug, data.image_size, data.mean, data.std, kinds=method.view_kinds,
-                                      compile=runtime.compile and runtime.device.type == "cuda",
-                                      dtype=runtime.view_dtype)
+            self.maker = batched_views(spec, method.view_kinds, runtime)
             self.dataset: Dataset = source
             self.collate = collate_images
         else:

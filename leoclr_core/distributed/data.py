@@ -41,7 +41,7 @@ from ..engine import Runtime
 from ..methods import METHOD_REGISTRY, MomentumMethod
 from ..prefetch import Prefetcher
 from ..spec import PretrainSpec
-from ..train import Feed, epoch_seed, job_source, resize_for_batching
+from ..train import Feed, batched_views, epoch_seed, job_source, resize_for_batching
 from ..views import make_view_transform
 
 log = logging.getLogger(__name__)
@@ -210,10 +210,7 @@ class RayFeed(Feed):
         self.kinds = method.view_kinds
         self.maker = None
         if augment_on_worker(spec):
-            d = spec.data
-            self.maker = BatchedViews(spec.augment, d.image_size, d.mean, d.std, kinds=self.kinds,
-                                      compile=runtime.compile and runtime.device.type == "cuda",
-                                      dtype=runtime.view_dtype)
+            self.maker = batched_views(spec, self.kinds, runtime)
         self.skipped = 0
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, ...]]:
