@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # read by attribute only, so this module needs nothing but to
     from .spec import AugmentSpec
 
 KINDS = ("original", "crop")
+PACKED_COLUMNS = 18  # ViewParams.pack: box (5), factors (4), order (4), flags (4), sigma (1)
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # column of each jitter factor; ids in `order`
 LUMA = (0.2989, 0.587, 0.114)  # ITU-R 601-2 weights, as torchvision's rgb_to_grayscale
 _CPU_SMALL_CONV = 1 << 20  # below this many multiply-adds per blur pass, shifted sums beat a CPU conv
@@ -114,6 +115,20 @@ class ViewParams:
 
     def map(self, fn) -> "ViewParams":
         return ViewParams(**{k: fn(getattr(self, k)) for k in self.__dataclass_fields__})
+
+    def pack(self, boxes: Tensor) -> Tensor:
+        """`boxes` (n, 5) and every field as one (n, PACKED_COLUMNS) float32 tensor: what crosses to
+        the device in a single copy (booleans as 0/1, the order's small ints exactly)."""
+        flags = torch.stack([self.flip, self.jitter, self.grayscale, self.blur], dim=1)
+        return torch.cat([boxes.float(), self.factors.float(), self.order.float(), flags.float(),
+                          self.sigma.float()[:, None]], dim=1)
+
+    @staticmethod
+    def unpack(packed: Tensor) -> tuple[Tensor, "ViewParams"]:
+        """The inverse of `pack`: (boxes, params), as slices and casts of `packed` on its device."""
+        boxes, factors, order = packed[:, 0:5], packed[:, 5:9], packed[:, 9:13].long()
+        flip, jitter, gray, blur = (packed[:, 13:17] > 0.5).unbind(1)
+        return boxes, ViewParams(flip, jitter, factors, order, gray, blur, packed[:, 17])
 
     @staticmethod
     def cat(parts: Sequence["ViewParams"]) -> "ViewParams":
@@ -322,7 +337,7 @@ class BatchedViews:
 
     `kinds` names each view: "original" (X, the whole image square-resized) or "crop" (a random
     resized crop). Returns one normalised (B, 3, size, size) tensor per kind, of `dtype`. Pass a
-    `torch.Generator` for reproducible views; sampling then happens on the generator's device.
+    CPU `torch.Generator` for reproducible views (the same on every device: see `params_for`).
 
     `dtype` float16 runs everything after the resampling (which stays float32: sample positions
     need its precision) in half precision: half the memory traffic of these memory-bound ops, for
@@ -386,17 +401,35 @@ class BatchedViews:
                                  for p, f in self._switches])
         return boxes, params
 
+    def params_for(self, b: int, h: int, w: int, generator: torch.Generator | None,
+                   device: torch.device) -> tuple[Tensor, ViewParams]:
+        """`sample` on the generator's device (the CPU when there is none: the global CPU generator),
+        then on `device`: sampled elsewhere, every parameter crosses in one packed copy.
+
+        Why the CPU: drawing a batch's parameters is some forty ops on tensors of a few hundred
+        numbers; on a GPU each is a kernel launch (3.2 ms a batch on an H200, longer than the
+        crops), on the CPU the whole draw takes a fraction of that and then one small copy, which
+        the copy engine does beside the training kernels. It also makes a seeded generator give the
+        same views on every device.
+        """
+        pdev = generator.device if generator is not None else torch.device("cpu")
+        boxes, params = self.sample(b, h, w, generator, pdev)
+        if pdev == device:
+            return boxes, params
+        packed = params.pack(boxes)
+        if device.type == "cuda" and packed.device.type == "cpu":
+            packed = packed.pin_memory()  # a real async copy; the pinned block is not reused before it ends
+        return ViewParams.unpack(packed.to(device, non_blocking=True))
+
     def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, ...]:
-        """One (B, 3, size, size) tensor per kind. Nothing here waits on the device; a generator on
-        another device (a CPU one for CUDA images) draws the parameters there, then they are copied."""
+        """One (B, 3, size, size) tensor per kind. Nothing here waits on the device. Parameters are
+        drawn by `generator` on its device (pass a seeded CPU one for reproducible views), or by the
+        global CPU generator, and reach the images' device in one copy (`params_for`)."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected a (B, 3, H, W) image batch, got shape {tuple(images.shape)}")
         b, _, h, w = images.shape
         dev = images.device
-        pdev = generator.device if generator is not None else dev
-        boxes, params = self.sample(b, h, w, generator, pdev)
-        boxes = boxes.to(dev, non_blocking=True)
-        params = params.map(lambda t: t.to(dev, non_blocking=True))
+        boxes, params = self.params_for(b, h, w, generator, dev)
         source = images.float()
         if images.dtype == torch.uint8:
             source = source.mul_(1 / 255)

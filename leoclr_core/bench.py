@@ -33,7 +33,7 @@ import torchvision
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from .data import ImageSource, SyntheticObjects, build_source, collate_images
-from .data.jpeg import EncodedImages, collate_encoded, decode_batch, unpack
+from .data.jpeg import EncodedImages, collate_jpeg_or_pixels, decode_resize_batch
 from .engine import Runtime, build_optimizer, prepare_method, resolve_runtime, train_step
 from .methods import MomentumMethod, build_method
 from .prefetch import Prefetcher
@@ -133,6 +133,7 @@ class Feed:
     batched: bool
     jpeg: bool
     jpeg_bytes: int = 0  # total encoded size: synthetic scenes compress far better than photographs
+    px: int = 0  # side of the (square) images, which device-decoded JPEGs are resized to
 
     def describe(self, device: torch.device) -> str:
         where = "nvJPEG" if device.type == "cuda" else "CPU"
@@ -145,7 +146,7 @@ def build_feed(spec: PretrainSpec, runtime: Runtime, images: ImageSource, jpeg: 
     if augments_batched(spec, runtime):
         if jpeg:
             encoded = EncodedImages(images, JPEG_QUALITY)
-            return Feed(encoded, collate_encoded, True, True, encoded.nbytes)
+            return Feed(encoded, collate_jpeg_or_pixels, True, True, encoded.nbytes, images.fixed_size or 0)
         return Feed(images, collate_images, True, False)
     d = spec.data
     source = EncodedImages(images, JPEG_QUALITY, decode=True) if jpeg else images
@@ -178,7 +179,7 @@ def view_batches(feed: Feed, spec: PretrainSpec, method: MomentumMethod, runtime
         if maker is None:
             return tuple(runtime.to_device(v) for v in payload)
         if feed.jpeg:
-            images = decode_batch(unpack(payload), runtime.device)
+            images = decode_resize_batch(payload, feed.px, runtime.device)[0]
         else:
             images = payload.to(runtime.device, non_blocking=True)
         return tuple(runtime.to_device(v) for v in maker(images))

@@ -33,7 +33,7 @@ from torchvision.ops import roi_align
 from .augment import (BatchedViews, blur_kernel_size, color_jitter, gaussian_blur, gaussian_blur_matmul,
                       grayscale)
 from .bench import bench_images, device_name, resolve_spec_path
-from .data.jpeg import decode_batch
+from .data.jpeg import collate_jpeg_or_pixels, decode_resize_batch
 from .methods import METHOD_REGISTRY
 from .spec import AugmentSpec, PretrainSpec, SpecError, load_spec
 
@@ -96,7 +96,7 @@ def stage_calls(maker: BatchedViews, images: torch.Tensor) -> dict[str, Callable
     """Each stage of `maker` alone, on inputs prepared once (so a stage's time is its own)."""
     aug, dev, b = maker.aug, images.device, images.shape[0]
     h, w, s = images.shape[2], images.shape[3], maker.size
-    boxes, params = maker.sample(b, h, w, None, dev)
+    boxes, params = maker.params_for(b, h, w, None, dev)
     source = images.float().mul_(1 / 255)
     resampled = roi_align(source, boxes, (s, s), 1.0, -1, True).clamp_(0, 1)  # float32
     x = resampled.to(maker.dtype)
@@ -104,7 +104,8 @@ def stage_calls(maker: BatchedViews, images: torch.Tensor) -> dict[str, Callable
     mean, inv_std = maker._normaliser(dev)
     col = params.flip.view(-1, 1, 1, 1)
     return {
-        "sample params": lambda: maker.sample(b, h, w, None, dev),
+        "sample params (CPU, one copy)": lambda: maker.params_for(b, h, w, None, dev),
+        "sample params (on the device)": lambda: maker.sample(b, h, w, None, dev),
         "uint8 -> float": lambda: images.float().mul_(1 / 255),
         "crops + resize (roi_align)": lambda: roi_align(source, boxes, (s, s), 1.0, -1, True).clamp_(0, 1),
         "to working dtype": lambda: resampled.to(maker.dtype, copy=True),
@@ -154,8 +155,8 @@ def run(spec: PretrainSpec, *, device: torch.device, batch: int, reps: int, warm
         log(f"{group:6s} {name:28s} {ms:9.2f} ms  {batch / ms * 1e3:12,.0f} instances/s")
 
     if jpeg:
-        encoded = encode_jpeg(list(cpu_images), quality=90)
-        add("input", "JPEG decode (batched)", lambda: decode_batch(encoded, device))
+        encoded, _, _ = collate_jpeg_or_pixels([(e, 0, 0) for e in encode_jpeg(list(cpu_images), quality=90)])
+        add("input", "JPEG decode (batched)", lambda: decode_resize_batch(encoded, h, device))
     if stages:  # in the dtype training uses there: float16 on CUDA (under bf16 autocast), else float32
         ours = make_impl("ours-fp16" if device.type == "cuda" else "ours", spec, kinds)
         for name, fn in stage_calls(ours, images).items():

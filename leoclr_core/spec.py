@@ -84,6 +84,10 @@ class DataSpec(_Section):
     seed: int = 0
     labelled: bool = True
     synthetic: SyntheticSpec = SyntheticSpec()
+    # Where an image folder's JPEGs are decoded when views are made on the training device:
+    # "gpu" there (nvJPEG on CUDA; loader workers only read the files), "cpu" in the loader
+    # workers, "auto" = gpu for image folders on a CUDA device. Other sources decode in workers.
+    decode: Literal["auto", "cpu", "gpu"] = "auto"
     # ImageNet statistics are a fine default for any natural-ish image source.
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -92,6 +96,8 @@ class DataSpec(_Section):
     def _path_when_needed(self) -> "DataSpec":
         if self.source != "synthetic-objects" and not self.path:
             raise ValueError(f"path is required for source '{self.source}'")
+        if self.decode == "gpu" and self.source != "imagefolder":
+            raise ValueError(f"decode 'gpu' is for source 'imagefolder' (files read as JPEG bytes), not '{self.source}'")
         if self.source == "synthetic-objects" and self.num_images is None:
             raise ValueError("num_images is required for source 'synthetic-objects'")
         if any(s <= 0 for s in self.std):
@@ -285,6 +291,8 @@ class PretrainSpec(_JobSpec):
             )
         if n is not None and self.optim.batch_size > n:
             raise ValueError(f"optim.batch_size ({self.optim.batch_size}) exceeds data.num_images ({n})")
+        if self.data.decode == "gpu" and self.augment.device == "cpu":
+            raise ValueError("data.decode 'gpu' needs views made on the device: augment.device 'gpu' or 'auto'")
         if self.loss.key_bn == "split" and self.optim.batch_size % self.loss.bn_splits:
             raise ValueError(
                 f"optim.batch_size ({self.optim.batch_size}) must be divisible by loss.bn_splits "

@@ -29,6 +29,7 @@ from .checkpoint import (
     training_state,
 )
 from .data import ImageSource, build_source, collate_images
+from .data.jpeg import collate_jpeg_or_pixels, decode_resize_batch
 from .engine import (
     Runtime,
     build_optimizer,
@@ -88,6 +89,14 @@ def batched_views(spec: PretrainSpec, kinds: tuple[str, ...], runtime: Runtime,
                         compile=runtime.compile_views if compile is None else compile)
 
 
+def decodes_on_device(spec: PretrainSpec, runtime: Runtime) -> bool:
+    """An image folder's JPEGs decoded on the training device (`data.decode`) rather than in workers."""
+    d = spec.data
+    if d.source != "imagefolder" or d.decode == "cpu" or not augments_batched(spec, runtime):
+        return False
+    return d.decode == "gpu" or runtime.device.type == "cuda"
+
+
 def resize_for_batching(data: DataSpec) -> int:
     """Square size file images are decoded to, so that batches stack (views, feature extraction)."""
     return max(data.image_size, round(data.image_size * 8 / 7))
@@ -117,7 +126,8 @@ class ViewFeed(Feed):
     """Turns a data source into batches of views on the training device, one epoch at a time.
 
     `augment.device` = cpu: torchvision v2 per sample in the loader; gpu (or `batched` on CPU):
-    uint8 images go to the device and `BatchedViews` makes all views of a batch at once.
+    uint8 images go to the device and `BatchedViews` makes all views of a batch at once. An image
+    folder's JPEGs then go there still encoded and are decoded there (`decodes_on_device`).
     """
 
     def __init__(self, spec: PretrainSpec, method: MomentumMethod, runtime: Runtime, source: ImageSource):
@@ -125,10 +135,14 @@ class ViewFeed(Feed):
         self.batched = augments_batched(spec, runtime)
         self.runtime, self.spec, self.source = runtime, spec, source
         self.per_worker_batch = spec.optim.batch_size // dist.world_size()
+        self.device_decode = decodes_on_device(spec, runtime)
         if self.batched:
             self.maker = batched_views(spec, method.view_kinds, runtime)
             self.dataset: Dataset = source
             self.collate = collate_images
+            if self.device_decode:
+                self.dataset = source.encoded_copy()  # type: ignore[attr-defined]
+                self.collate = collate_jpeg_or_pixels
         else:
             transform = make_view_transform(spec.method, aug, data.image_size, data.mean, data.std)
             self.dataset = ViewDataset(source, transform)
@@ -156,17 +170,22 @@ class ViewFeed(Feed):
             drop_last=True,
             num_workers=self.spec.scaling.loader_workers,
             collate_fn=self.collate,
-            pin_memory=self.runtime.device.type == "cuda",
+            # Not for JPEG bytes: nvJPEG may read pinned input after decode returns, when the
+            # pinned block could already be refilled with a later batch.
+            pin_memory=self.runtime.device.type == "cuda" and not self.device_decode,
             generator=torch.Generator().manual_seed(seed),
         )
-        gen = None
-        if self.batched:
-            gen = torch.Generator(device=self.runtime.device).manual_seed(seed)
+        # View parameters are drawn on the CPU (BatchedViews.params_for): the same views on any device.
+        gen = torch.Generator().manual_seed(seed) if self.batched else None
 
         def prepare(item) -> tuple[torch.Tensor, ...]:
             payload, _labels, skipped = item
             self.skipped += skipped
-            if self.batched:
+            if self.device_decode:
+                images, failed = decode_resize_batch(payload, self.source.resize_to, self.runtime.device)
+                self.skipped += failed
+                payload = self.maker(images, generator=gen)
+            elif self.batched:
                 images = payload.to(self.runtime.device, non_blocking=True)
                 payload = self.maker(images, generator=gen)
             return tuple(self.runtime.to_device(v) for v in payload)

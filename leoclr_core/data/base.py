@@ -44,11 +44,14 @@ def check_resize(resize_to: int | None) -> int | None:
 
 
 def resize_square(image: torch.Tensor, size: int) -> torch.Tensor:
-    """Antialiased square resize of a uint8 (3, H, W) tensor; aspect ratio is not kept (so batches stack)."""
+    """Antialiased square resize of a uint8 (3, H, W) tensor, or of a (N, 3, H, W) batch of them;
+    aspect ratio is not kept (so batches stack)."""
     if image.shape[-2:] == (size, size):
         return image
-    out = F.interpolate(image[None].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return out[0].round_().clamp_(0, 255).to(torch.uint8)
+    batch = image if image.ndim == 4 else image[None]
+    out = F.interpolate(batch.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    out = out.round_().clamp_(0, 255).to(torch.uint8)
+    return out if image.ndim == 4 else out[0]
 
 
 class ImageSource(Dataset):
@@ -110,7 +113,7 @@ class ImageSource(Dataset):
                     self._bad.add(j)
                     log.warning("skipping corrupt image %s: %s", self.describe_item(j), exc)
                 continue
-            if self.resize_to is not None:
+            if self.resize_to is not None and image.ndim == 3:  # 1-D: still-encoded bytes (encoded mode)
                 image = resize_square(image, self.resize_to)
             return image, (int(label) if self.labelled else -1), skipped
         raise AllImagesCorruptError(

@@ -4,13 +4,16 @@ Splits: when `path/train` and `path/val` (or `path/test`) exist they are the spl
 the test split is a seeded hold-out of `num_test` files and train is the rest, so the same seed
 always gives the same, disjoint, splits. File lists are sorted, so indices are stable.
 
-Decoding is lazy (in DataLoader workers). A corrupt or truncated file raises CorruptImageError,
+Decoding is lazy (in DataLoader workers), or left to the training device: a copy made by
+`encoded_copy()` returns the file bytes of every JPEG a device decoder takes as it is
+(`jpeg.device_decodable`) and decodes only the other files. A corrupt or truncated file raises CorruptImageError,
 which the base class turns into a skip; truncated files are NOT silently padded (PIL's
 LOAD_TRUNCATED_IMAGES is left alone), because half a photo is a wrong training sample.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 from pathlib import Path
 
@@ -19,6 +22,7 @@ import torch
 from PIL import Image
 
 from leoclr_core.data.base import CorruptImageError, ImageSource, check_resize, check_split
+from leoclr_core.data.jpeg import device_decodable
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
@@ -144,9 +148,29 @@ class ImageFolder(ImageSource):
     def describe_item(self, index: int) -> str:
         return str(self.files[index])
 
+    encoded = False  # see encoded_copy
+
+    def encoded_copy(self) -> "ImageFolder":
+        """This split, serving device-decodable JPEGs as their 1-D uint8 file bytes (to be decoded
+        and resized by `jpeg.decode_resize_batch`) and every other file decoded and resized as usual."""
+        if self.resize_to is None:
+            raise ValueError("an encoded image folder needs resize_to: its decoded files must stack")
+        other = copy.copy(self)
+        other._bad = set()
+        other.encoded = True
+        return other
+
     def _load(self, index: int) -> tuple[torch.Tensor, int]:
-        path = self.files[index]
-        return decode_image(path, self.resize_to), int(self.labels[index])
+        path, label = self.files[index], int(self.labels[index])
+        if not self.encoded:
+            return decode_image(path, self.resize_to), label
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise CorruptImageError(f"{type(exc).__name__}: {exc}") from exc
+        if device_decodable(raw):
+            return torch.frombuffer(bytearray(raw), dtype=torch.uint8), label
+        return decode_image(io.BytesIO(raw), self.resize_to), label
 
 
 def decode_image(file: str | Path | io.BytesIO, draft_size: int | None = None) -> torch.Tensor:

@@ -1,27 +1,33 @@
-"""JPEG-encoded images held in memory, and a batched decode on the training device.
+"""JPEG-encoded images, decoded a whole batch at a time on the training device.
 
 Why: real ImageNet-style training reads compressed JPEGs, and decoding them is often the most
-expensive step of the input pipeline. Feeding raw uint8 pixels (as the synthetic source does)
-hides that cost. `EncodedImages` JPEG-encodes any image source once, so a loader can ship the
-small encoded bytes, and `decode_batch` turns a whole batch back into pixels in one call: with
-nvJPEG on a CUDA device (the loader's CPU workers then only move bytes), on the CPU otherwise.
+expensive step of the input pipeline; a few CPU cores per GPU cannot keep up with it. Here the
+loader workers only read the files and the training device decodes the batch (`decode_resize_batch`:
+nvJPEG on CUDA, one batched call), then square-resizes each image to the batch's size, as workers
+would have. The few files a device decoder should not be handed (PNGs, progressive or CMYK JPEGs,
+truncated files: `device_decodable`) are decoded by the workers as before.
 
-Batches travel packed (`collate_encoded`): one flat byte tensor plus the length of each image,
-so a DataLoader worker hands the main process one shared-memory buffer per batch instead of one
-per image; `unpack` cuts it back into the list of per-image byte tensors that decoding takes.
+Batches travel packed (`collate_jpeg_or_pixels`): one flat byte tensor plus the length of each
+image, so a DataLoader worker hands the main process one shared-memory buffer per batch instead of
+one per image. `EncodedImages` JPEG-encodes any image source once (the benchmarks use it, so that
+synthetic scenes cost what photographs cost to feed).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import warnings
-from typing import Sequence
+from collections import defaultdict
+from typing import NamedTuple, Sequence
 
 import torch
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 
-from leoclr_core.data.base import ImageSource
+from leoclr_core.data.base import ImageSource, resize_square
+
+log = logging.getLogger("leoclr_core.data")
 
 # torchvision 0.29 marks its image codecs deprecated (in favour of TorchCodec) on every call; they
 # still work, and the GPU box's torchvision predates the warning.
@@ -70,16 +76,6 @@ class EncodedImages(Dataset):
         return data, self.labels[index], 0
 
 
-def collate_encoded(batch: Sequence[tuple[torch.Tensor, int, int]]):
-    """Pack samples to ((flat uint8 bytes, int64 lengths), int64 labels, skipped)."""
-    if not batch:
-        raise ValueError("cannot collate an empty batch")
-    data, labels, skipped = zip(*batch)
-    lengths = torch.tensor([d.numel() for d in data], dtype=torch.long)
-    packed = (torch.cat(data), lengths)
-    return packed, torch.tensor(labels, dtype=torch.long), int(sum(skipped))
-
-
 def unpack(packed: tuple[torch.Tensor, torch.Tensor]) -> list[torch.Tensor]:
     """The per-image byte tensors of a packed batch (views into the flat buffer, no copy)."""
     flat, lengths = packed
@@ -121,22 +117,121 @@ def _decode_cuda(encoded: list[torch.Tensor], device: torch.device) -> list[torc
     return images
 
 
-def decode_batch(encoded: Sequence[torch.Tensor], device: torch.device | str) -> torch.Tensor:
-    """Decode a batch of same-sized JPEGs to uint8 (B, 3, H, W) on `device`.
+# ---------------------------------------------------------------- photographs of any size
+_SOF_SEQUENTIAL = (0xC0, 0xC1)  # baseline and extended sequential Huffman
+_SOF_OTHER = (0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)  # progressive, lossless, ...
 
-    On CUDA this is one batched nvJPEG call (the bytes stay on the CPU; nvJPEG reads them there;
-    pass pageable, not pinned, bytes: nvJPEG may still read pinned ones after this returns);
-    elsewhere each image is decoded on the CPU and the stack moved to `device`.
-    """
-    device = torch.device(device)
-    encoded = list(encoded)
-    if not encoded:
-        raise ValueError("decode_batch needs at least one encoded image")
-    if device.type == "cuda":
-        images = _decode_cuda(encoded, device)
-    else:
-        images = [decode_jpeg(e, mode=ImageReadMode.RGB) for e in encoded]
-    shapes = {tuple(im.shape) for im in images}
+
+def device_decodable(data: bytes | bytearray | memoryview) -> bool:
+    """True for a JPEG a device decoder takes as it is: sequential (baseline) coding of 1 or 3
+    components, ending with its end-of-image marker. A cheap read of the marker headers, done by
+    the loader workers: everything else (PNGs, progressive or CMYK JPEGs, truncated files) they
+    decode themselves, so a truncated file is skipped like any corrupt one, not half-decoded."""
+    n = len(data)
+    if n < 4 or data[0] != 0xFF or data[1] != 0xD8 or data[n - 2] != 0xFF or data[n - 1] != 0xD9:
+        return False
+    i = 2
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return False
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            i += 2
+            continue
+        if marker in _SOF_SEQUENTIAL:
+            return i + 9 < n and data[i + 9] in (1, 3)  # component count, after length, precision, h, w
+        if marker in _SOF_OTHER or marker in (0xDA, 0xD9):  # other coding, or scan data before any frame
+            return False
+        i += 2 + ((data[i + 2] << 8) | data[i + 3])
+    return False
+
+
+class JpegBatch(NamedTuple):
+    """A batch of image files as a loader hands it over: the JPEGs still encoded (packed, as
+    `collate_encoded`), the rest already decoded and resized by the workers, and where each sits."""
+
+    flat: torch.Tensor  # uint8: every JPEG's bytes, one after the other
+    lengths: torch.Tensor  # int64 (J,)
+    jpeg_index: torch.Tensor  # int64 (J,): position of each JPEG in the batch
+    pixels: torch.Tensor  # uint8 (P, 3, S, S), P may be 0
+    pixel_index: torch.Tensor  # int64 (P,)
+
+
+def collate_jpeg_or_pixels(batch: Sequence[tuple[torch.Tensor, int, int]]):
+    """Collate samples that are either encoded JPEGs (1-D uint8) or decoded (3, S, S) uint8 images
+    to (JpegBatch, int64 labels, skipped)."""
+    if not batch:
+        raise ValueError("cannot collate an empty batch")
+    data, labels, skipped = zip(*batch)
+    jpegs = [i for i, d in enumerate(data) if d.ndim == 1]
+    decoded = [i for i, d in enumerate(data) if d.ndim == 3]
+    if len(jpegs) + len(decoded) != len(data):
+        raise ValueError(f"samples must be encoded bytes or (3, H, W) images, got {[tuple(d.shape) for d in data][:3]}")
+    shapes = {tuple(data[i].shape) for i in decoded}
     if len(shapes) > 1:
-        raise ValueError(f"decoded images differ in size {sorted(shapes)[:3]}; encode same-sized images")
-    return torch.stack(images).to(device, non_blocking=True)
+        raise ValueError(f"decoded images differ in size {sorted(shapes)[:3]}; build the source with resize_to")
+    flat = torch.cat([data[i] for i in jpegs]) if jpegs else torch.empty(0, dtype=torch.uint8)
+    pixels = torch.stack([data[i] for i in decoded]) if decoded else torch.empty(0, 3, 1, 1, dtype=torch.uint8)
+    out = JpegBatch(flat, torch.tensor([data[i].numel() for i in jpegs], dtype=torch.long),
+                    torch.tensor(jpegs, dtype=torch.long), pixels, torch.tensor(decoded, dtype=torch.long))
+    return out, torch.tensor(labels, dtype=torch.long), int(sum(skipped))
+
+
+def _decode_each(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+    """Decode one image at a time; None for those the decoder refuses."""
+    out: list[torch.Tensor | None] = []
+    for e in encoded:
+        try:
+            out.append(_decode_cuda([e], device)[0] if device.type == "cuda" else decode_jpeg(e, mode=ImageReadMode.RGB))
+        except RuntimeError:
+            out.append(None)
+    return out
+
+
+def decode_resize_batch(batch: JpegBatch, size: int, device: torch.device | str) -> tuple[torch.Tensor, int]:
+    """Decode the JPEGs of `batch` on `device` (nvJPEG on CUDA, in one batched call), square-resize
+    each to `size` as the workers do (`resize_square`), and put them with the workers' images into
+    one uint8 (B, 3, size, size) batch. Returns it and how many JPEGs failed to decode there: each is
+    replaced by another image of the batch (the batch keeps its size, as a skipped file does).
+    nvJPEG reads the bytes where they are: hand it pageable ones, since it may still read pinned
+    ones after this returns, when a loader could already be refilling them."""
+    device = torch.device(device)
+    encoded = unpack((batch.flat, batch.lengths))
+    b = len(encoded) + len(batch.pixel_index)
+    out = torch.empty(b, 3, size, size, dtype=torch.uint8, device=device)
+    if len(batch.pixel_index):
+        if batch.pixels.shape[-2:] != (size, size):
+            raise ValueError(f"worker-decoded images are {tuple(batch.pixels.shape[-2:])}, expected {size} px")
+        out[batch.pixel_index.to(device)] = batch.pixels.to(device, non_blocking=True)
+    if not encoded:
+        return out, 0
+    images: list[torch.Tensor | None]
+    if device.type == "cuda":
+        try:
+            images = list(_decode_cuda(encoded, device))
+        except RuntimeError:  # one bad file fails the whole batched call: find it
+            images = _decode_each(encoded, device)
+    else:
+        images = _decode_each(encoded, device)
+    good = [i for i, im in enumerate(images) if im is not None]
+    bad = len(images) - len(good)
+    if not good and not len(batch.pixel_index):
+        raise RuntimeError(f"none of the {len(images)} JPEGs of a batch could be decoded on {device}")
+    # Same-shaped images are resized together: photo collections repeat a few sizes a lot.
+    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for i in good:
+        groups[tuple(images[i].shape)].append(i)  # type: ignore[union-attr]
+    where = batch.jpeg_index.tolist()
+    for members in groups.values():
+        stacked = torch.stack([images[i] for i in members])  # type: ignore[misc]
+        out[torch.tensor([where[i] for i in members], device=device)] = resize_square(stacked, size)
+    if bad:
+        log.warning("%d of %d JPEGs in a batch failed to decode on %s; each is replaced by another image "
+                    "of the batch", bad, len(images), device)
+        donor = where[good[0]] if good else int(batch.pixel_index[0])
+        missing = torch.tensor([where[i] for i, im in enumerate(images) if im is None], device=device)
+        out[missing] = out[donor].clone()
+    return out, bad

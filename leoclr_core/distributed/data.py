@@ -155,6 +155,9 @@ def build_dataset(spec: PretrainSpec, counter: Any | None = None) -> tuple[ray.d
     d = spec.data
     if d.source == "imagefolder":
         size = resize_for_batching(d)
+        if d.decode == "gpu":  # bytes of mixed sizes do not stream as tensors; Ray Data tasks decode
+            log.warning("data.decode 'gpu' applies to in-process runs; on Ray the files are decoded by "
+                        "Ray Data tasks on CPUs")
         if is_uri(d.path):  # type: ignore[arg-type]
             paths = list_image_files(d.path)  # type: ignore[arg-type]
             if d.num_images is not None:
@@ -219,7 +222,7 @@ class RayFeed(Feed):
             batch_size=self.batch, drop_last=True, prefetch_batches=2,
             local_shuffle_buffer_size=2 * self.batch, local_shuffle_seed=seed,
         )
-        gen = torch.Generator(device=self.runtime.device).manual_seed(seed) if self.maker else None
+        gen = torch.Generator().manual_seed(seed) if self.maker else None  # CPU: see BatchedViews.params_for
 
         def prepare(batch) -> tuple[torch.Tensor, ...]:
             if self.maker is not None:

@@ -7,7 +7,7 @@ import torch
 
 from leoclr_core.bench import main, markdown_table
 from leoclr_core.data import SyntheticObjects
-from leoclr_core.data.jpeg import EncodedImages, collate_encoded, decode_batch, unpack
+from leoclr_core.data.jpeg import EncodedImages, collate_jpeg_or_pixels, decode_resize_batch
 from leoclr_core.spec import SyntheticSpec
 
 # torchvision 0.29 deprecates its JPEG codecs on every call; they are what the GPU box's 0.26 has.
@@ -95,26 +95,18 @@ def test_bench_feeds_packed_jpeg_batches_through_loader_workers(spec_file, tmp_p
     assert record["e2e_inst_per_s"] > 0
 
 
-def test_decode_batch_round_trips_within_jpeg_tolerance():
+def test_encoded_images_round_trip_within_jpeg_tolerance():
     source = SyntheticObjects(8, 0, "train", SyntheticSpec(source_size=64, object_size=(10, 20)))
     encoded = EncodedImages(source, quality=90)
     assert len(encoded) == 8 and encoded.nbytes < 8 * 3 * 64 * 64  # compressed
-    packed, labels, skipped = collate_encoded([encoded[i] for i in range(8)])
-    decoded = decode_batch(unpack(packed), "cpu")
+    packed, labels, skipped = collate_jpeg_or_pixels([encoded[i] for i in range(8)])
+    decoded, failed = decode_resize_batch(packed, 64, "cpu")
     original = torch.stack([source[i][0] for i in range(8)])
-    assert decoded.shape == original.shape == (8, 3, 64, 64) and decoded.dtype == torch.uint8
+    assert decoded.shape == original.shape == (8, 3, 64, 64) and decoded.dtype == torch.uint8 and failed == 0
     psnr = 10 * torch.log10(255**2 / (decoded.float() - original.float()).pow(2).mean())
     assert psnr > 28  # quality 90 on these cluttered scenes gives about 32 dB
     assert labels.tolist() == [source[i][1] for i in range(8)] and skipped == 0
     assert torch.equal(EncodedImages(source, decode=True, num_images=2)[1][0], decoded[1])
-
-
-def test_decode_batch_refuses_mixed_sizes():
-    small, big = (torch.zeros(3, s, s, dtype=torch.uint8) for s in (8, 16))
-    from torchvision.io import encode_jpeg
-
-    with pytest.raises(ValueError, match="differ in size"):
-        decode_batch(encode_jpeg([small, big]), "cpu")
 
 
 def test_table_merges_records_and_failures(tmp_path):

@@ -150,6 +150,29 @@ def test_generator_reproducibility_and_cpu_chunks(monkeypatch):
         torch.testing.assert_close(u, v)
 
 
+
+def test_packed_params_cross_in_one_tensor_unchanged():
+    # What a CUDA batch receives: every sampled parameter, packed into one float tensor and cut back.
+    views = A.BatchedViews(AugmentSpec(hue=0.1), 32, MEAN, STD)
+    boxes, params = views.sample(50, 48, 64, torch.Generator().manual_seed(3), "cpu")
+    packed = params.pack(boxes)
+    assert packed.shape == (150, A.PACKED_COLUMNS) and packed.dtype == torch.float32
+    boxes2, params2 = A.ViewParams.unpack(packed)
+    assert torch.equal(boxes2, boxes)
+    for name in A.ViewParams.__dataclass_fields__:
+        ours, theirs = getattr(params2, name), getattr(params, name)
+        assert ours.dtype == theirs.dtype and torch.equal(ours, theirs), name
+
+
+def test_views_without_a_generator_follow_the_global_cpu_seed():
+    images = smooth_images(4, 40, 40)
+    views = A.BatchedViews(AugmentSpec(), 32, MEAN, STD)
+    torch.manual_seed(11)
+    a = views(images)
+    torch.manual_seed(11)
+    for u, v in zip(a, views(images)):
+        assert torch.equal(u, v)
+
 # ---------------------------------------------------------------- batched path: sampled distributions
 @pytest.mark.parametrize("h, w, scale, ratio", [
     (64, 64, (0.2, 1.0), (3 / 4, 4 / 3)),
