@@ -97,11 +97,14 @@ R18_ARGS=(synthetic 60)
 # IDs give the table order; the calls give the run order (eager first, then compiled).
 row 05-r18-leoclr-eager   "${R18[@]}" leoclr false "${R18_ARGS[@]}" 5 30 90
 row 07-r18-mocov2-eager   "${R18[@]}" mocov2 false "${R18_ARGS[@]}" 5 30 90
-row 01-r50-leoclr-eager   "${R50[@]}" leoclr false "${R50_ARGS[@]}" 5 45 120 --max-images 1024
+# --profile: a few more steps of each phase under torch.profiler, so the record says where the
+# end-to-end phase loses time (device busy or idle; view kernels on the side stream) on the rows
+# the ratio goal is about.
+row 01-r50-leoclr-eager   "${R50[@]}" leoclr false "${R50_ARGS[@]}" 5 45 120 --max-images 1024 --profile 4
 row 03-r50-mocov2-eager   "${R50[@]}" mocov2 false "${R50_ARGS[@]}" 5 45 120 --max-images 1024
 # The compiled LeOCLR rows first (the figures the goals are about); MoCo-v2's then reuse their
 # query-encoder graphs from the cache.
-row 02-r50-leoclr-compiled "${R50[@]}" leoclr true "${R50_ARGS[@]}" 8 90 240 --max-images 1024
+row 02-r50-leoclr-compiled "${R50[@]}" leoclr true "${R50_ARGS[@]}" 8 90 240 --max-images 1024 --profile 4
 row 06-r18-leoclr-compiled "${R18[@]}" leoclr true "${R18_ARGS[@]}" 8 60 150
 row 04-r50-mocov2-compiled "${R50[@]}" mocov2 true "${R50_ARGS[@]}" 8 90 240 --max-images 1024
 row 08-r18-mocov2-compiled "${R18[@]}" mocov2 true "${R18_ARGS[@]}" 8 60 150

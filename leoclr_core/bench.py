@@ -8,7 +8,7 @@ torch.compile), with W untimed warm-up steps and one device synchronisation on e
 N timed steps, none inside them.
 
     python -m leoclr_core.bench [SPEC] [--set k=v ...] [--steps N] [--warmup W] [--compile]
-        [--device cuda|cpu] [--data synthetic|jpeg] [--loader-workers K] [--json PATH]
+        [--device cuda|cpu] [--data synthetic|jpeg] [--loader-workers K] [--profile N] [--json PATH]
     python -m leoclr_core.bench --table RESULTS_DIR_OR_JSON... [--out table.md]
 
 Imports only torch, torchvision, numpy, PIL, yaml, pydantic (via spec) and the stdlib: runs on a bare GPU box.
@@ -23,6 +23,7 @@ import json
 import math
 import platform
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -105,6 +106,74 @@ def measure(step: Callable[[], torch.Tensor], warmup: int, steps: int, batch: in
     sync()
     seconds = time.perf_counter() - start
     return Phase(first, warm, seconds, steps, batch, float(loss) if loss is not None else float("nan"))
+
+
+# ---------------------------------------------------------------- where a step's device time goes
+def profile_steps(step: Callable[[], torch.Tensor], steps: int, device: torch.device) -> dict:
+    """Run `steps` more steps under torch.profiler and summarise the device's timeline
+    (`summarise_trace`). Figures taken under the profiler, whose overhead slows the host side:
+    they say where device time goes, not how fast the run is."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync()
+    with tempfile.TemporaryDirectory() as tmp:
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+            sync()
+            wall = time.perf_counter() - start
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text()).get("traceEvents", [])
+    return summarise_trace(events, steps, wall)
+
+
+def _union_us(spans: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals."""
+    total, end = 0.0, -math.inf
+    for a, b in sorted(spans):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def summarise_trace(events: Sequence[dict], steps: int, wall_s: float, top: int = 8) -> dict:
+    """Device time per step from a Chrome trace's events: kernel time on each stream, copies, the
+    union of all of them (busy), so `idle_fraction` = 1 - busy / wall. A side stream's kernels are
+    the views made ahead; time they add to the busy union is time they did not overlap the step."""
+    kernels = [e for e in events if e.get("cat") == "kernel" and "dur" in e]
+    copies = [e for e in events if e.get("cat") in ("gpu_memcpy", "gpu_memset") and "dur" in e]
+    wall_ms = wall_s * 1e3 / steps
+    if not kernels:
+        return {"steps": steps, "wall_ms_per_step": wall_ms, "device_timeline": False}
+    per_stream: dict[str, float] = {}
+    by_name: dict[str, float] = {}
+    for e in kernels:
+        stream = str(e.get("args", {}).get("stream", "?"))
+        per_stream[stream] = per_stream.get(stream, 0.0) + e["dur"]
+        by_name[e.get("name", "?")] = by_name.get(e.get("name", "?"), 0.0) + e["dur"]
+    busy = _union_us([(e["ts"], e["ts"] + e["dur"]) for e in kernels + copies]) / 1e3 / steps
+    ms = 1e-3 / steps
+    return {
+        "steps": steps, "wall_ms_per_step": wall_ms, "device_timeline": True,
+        "busy_ms_per_step": busy, "idle_fraction": max(0.0, 1 - busy / wall_ms) if wall_ms > 0 else 0.0,
+        "kernel_ms_per_step_by_stream": {k: v * ms for k, v in sorted(per_stream.items(), key=lambda kv: -kv[1])},
+        "copy_ms_per_step": sum(e["dur"] for e in copies) * ms,
+        "top_kernels_ms_per_step": {k[:90]: v * ms for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:top]},
+    }
+
+
+def describe_profile(p: dict) -> str:
+    if not p.get("device_timeline"):
+        return f"{p['wall_ms_per_step']:.1f} ms a step (no device timeline on this device)"
+    streams = ", ".join(f"stream {k} {v:.1f} ms" for k, v in p["kernel_ms_per_step_by_stream"].items())
+    return (f"{p['wall_ms_per_step']:.1f} ms a step, device busy {p['busy_ms_per_step']:.1f} ms "
+            f"(idle {p['idle_fraction']:.0%}); kernels: {streams}; copies {p['copy_ms_per_step']:.1f} ms")
 
 
 # ---------------------------------------------------------------- inputs
@@ -192,8 +261,10 @@ def view_batches(feed: Feed, spec: PretrainSpec, method: MomentumMethod, runtime
 
 # ---------------------------------------------------------------- one benchmark
 def run_bench(spec: PretrainSpec, *, device: torch.device, steps: int, warmup: int, data: str,
-              workers: int, max_images: int, prefetch: int = 2, compile_views: bool | None = None) -> dict:
-    """Measure compute-only then end-to-end throughput of `spec` on `device`; returns the record."""
+              workers: int, max_images: int, prefetch: int = 2, compile_views: bool | None = None,
+              profile: int = 0) -> dict:
+    """Measure compute-only then end-to-end throughput of `spec` on `device`; returns the record.
+    `profile` > 0: that many more steps of each phase under the profiler (`profile_steps`)."""
     torch.manual_seed(spec.seed)
     runtime = resolve_runtime(spec.scaling, device)
     b, size = spec.optim.batch_size, spec.data.image_size
@@ -214,6 +285,11 @@ def run_bench(spec: PretrainSpec, *, device: torch.device, steps: int, warmup: i
     dtype = runtime.view_dtype if augments_batched(spec, runtime) else torch.float32
     views = [random_views(method, runtime, b, size, dtype)]  # a list, so the memory is freed right after
     compute = measure(lambda: train_step(method, optimizer, views[0], m, runtime), warmup, steps, b, device)
+    profiles = {}
+    if profile:
+        profiles["compute"] = profile_steps(lambda: train_step(method, optimizer, views[0], m, runtime),
+                                            profile, device)
+        log(f"compute-only under the profiler: {describe_profile(profiles['compute'])}")
     views.clear()
     # Printed at once, so a run cut short during the end-to-end phase still leaves this figure.
     log(f"compute-only: {compute.instances_per_s:,.0f} instances/s"
@@ -230,8 +306,12 @@ def run_bench(spec: PretrainSpec, *, device: torch.device, steps: int, warmup: i
         f"{warmup} warm-up + {steps} timed steps")
     if compile_views is None:
         compile_views = runtime.compile_views
-    batches = view_batches(feed, spec, method, runtime, workers, warmup + steps, prefetch, compile_views)
+    batches = view_batches(feed, spec, method, runtime, workers, warmup + steps + profile, prefetch, compile_views)
     e2e = measure(lambda: train_step(method, optimizer, next(batches), m, runtime), warmup, steps, b, device)
+    if profile:
+        profiles["e2e"] = profile_steps(lambda: train_step(method, optimizer, next(batches), m, runtime),
+                                        profile, device)
+        log(f"end-to-end under the profiler: {describe_profile(profiles['e2e'])}")
     batches.close()
     log(f"end-to-end: {e2e.instances_per_s:,.0f} instances/s (first step {e2e.first_step_s or 0:.1f} s)")
     finite = {}
@@ -256,7 +336,7 @@ def run_bench(spec: PretrainSpec, *, device: torch.device, steps: int, warmup: i
         "compute_inst_per_s": compute_rate, "e2e_inst_per_s": e2e_rate,
         "ratio": e2e_rate / compute_rate if compute_rate > 0 else 0.0,
         "loss_finite": finite,
-        "compile_s": compile_s, "setup_s": {"build": build_s, "data": data_s},
+        "compile_s": compile_s, "setup_s": {"build": build_s, "data": data_s}, "profile": profiles or None,
         "phases": {"compute": asdict(compute), "e2e": asdict(e2e)},
         "peak_gpu_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
         "torch": torch.__version__, "torchvision": torchvision.__version__, "python": sys.version.split()[0],
@@ -330,6 +410,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="GPU: batches prepared ahead on a side stream (0: inline, between steps)")
     p.add_argument("--compile-views", choices=("auto", "on", "off"), default="auto",
                    help="compile the batched views (auto: when the model is compiled, on a GPU)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="N more steps of each phase under torch.profiler: device time per stream, idle share")
     p.add_argument("--json", type=Path, default=None, help="write the record here")
     p.add_argument("--table", nargs="+", default=None, metavar="PATH",
                    help="merge JSON records (files or folders) into a markdown table")
@@ -356,8 +438,8 @@ def load_bench_spec(args: argparse.Namespace) -> PretrainSpec:
 def check_args(args: argparse.Namespace) -> str | None:
     if args.steps < 1 or args.warmup < 0 or args.max_images < 1:
         return "--steps and --max-images must be >= 1 and --warmup >= 0"
-    if args.prefetch < 0:
-        return "--prefetch must be >= 0"
+    if args.prefetch < 0 or args.profile < 0:
+        return "--prefetch and --profile must be >= 0"
     if args.loader_workers is not None and args.loader_workers < 0:
         return "--loader-workers must be >= 0"
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -389,7 +471,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     workers = spec.scaling.loader_workers if args.loader_workers is None else args.loader_workers
     record = run_bench(spec, device=device, steps=args.steps, warmup=args.warmup, data=args.data,
                        workers=workers, max_images=args.max_images, prefetch=args.prefetch,
-                       compile_views={"auto": None, "on": True, "off": False}[args.compile_views])
+                       compile_views={"auto": None, "on": True, "off": False}[args.compile_views],
+                       profile=args.profile)
     print(markdown_table([record]), end="")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -150,8 +150,9 @@ def device_decodable(data: bytes | bytearray | memoryview) -> bool:
 
 
 class JpegBatch(NamedTuple):
-    """A batch of image files as a loader hands it over: the JPEGs still encoded (packed, as
-    `collate_encoded`), the rest already decoded and resized by the workers, and where each sits."""
+    """A batch of image files as a loader hands it over: the JPEGs still encoded (one flat byte
+    tensor and their lengths), the rest already decoded and resized by the workers, and where
+    each sits in the batch."""
 
     flat: torch.Tensor  # uint8: every JPEG's bytes, one after the other
     lengths: torch.Tensor  # int64 (J,)
@@ -191,6 +192,15 @@ def _decode_each(encoded: list[torch.Tensor], device: torch.device) -> list[torc
     return out
 
 
+def _index(positions: list[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Batch positions as an index on `device`, copied without blocking the host (from pinned memory
+    on CUDA: a pageable copy would wait for this stream's queued work)."""
+    index = torch.as_tensor(positions, dtype=torch.long)
+    if device.type == "cuda":
+        index = index.pin_memory()
+    return index.to(device, non_blocking=True)
+
+
 def decode_resize_batch(batch: JpegBatch, size: int, device: torch.device | str) -> tuple[torch.Tensor, int]:
     """Decode the JPEGs of `batch` on `device` (nvJPEG on CUDA, in one batched call), square-resize
     each to `size` as the workers do (`resize_square`), and put them with the workers' images into
@@ -205,7 +215,7 @@ def decode_resize_batch(batch: JpegBatch, size: int, device: torch.device | str)
     if len(batch.pixel_index):
         if batch.pixels.shape[-2:] != (size, size):
             raise ValueError(f"worker-decoded images are {tuple(batch.pixels.shape[-2:])}, expected {size} px")
-        out[batch.pixel_index.to(device)] = batch.pixels.to(device, non_blocking=True)
+        out[_index(batch.pixel_index, device)] = batch.pixels.to(device, non_blocking=True)
     if not encoded:
         return out, 0
     images: list[torch.Tensor | None]
@@ -227,11 +237,10 @@ def decode_resize_batch(batch: JpegBatch, size: int, device: torch.device | str)
     where = batch.jpeg_index.tolist()
     for members in groups.values():
         stacked = torch.stack([images[i] for i in members])  # type: ignore[misc]
-        out[torch.tensor([where[i] for i in members], device=device)] = resize_square(stacked, size)
+        out[_index([where[i] for i in members], device)] = resize_square(stacked, size)
     if bad:
         log.warning("%d of %d JPEGs in a batch failed to decode on %s; each is replaced by another image "
                     "of the batch", bad, len(images), device)
         donor = where[good[0]] if good else int(batch.pixel_index[0])
-        missing = torch.tensor([where[i] for i, im in enumerate(images) if im is None], device=device)
-        out[missing] = out[donor].clone()
+        out[_index([where[i] for i, im in enumerate(images) if im is None], device)] = out[donor].clone()
     return out, bad

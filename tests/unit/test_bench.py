@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from leoclr_core.bench import main, markdown_table
+from leoclr_core.bench import main, markdown_table, summarise_trace
 from leoclr_core.data import SyntheticObjects
 from leoclr_core.data.jpeg import EncodedImages, collate_jpeg_or_pixels, decode_resize_batch
 from leoclr_core.spec import SyntheticSpec
@@ -93,6 +93,38 @@ def test_bench_feeds_packed_jpeg_batches_through_loader_workers(spec_file, tmp_p
     record = run(spec_file, tmp_path, "--data", "jpeg", "--loader-workers", "2")
     assert record["loader_workers"] == 2 and record["feed"] == "batched views on cpu + CPU batch decode"
     assert record["e2e_inst_per_s"] > 0
+
+
+def test_profile_runs_more_steps_of_each_phase_and_records_them(spec_file, tmp_path, monkeypatch):
+    import leoclr_core.bench as bench
+
+    calls, real = [], bench.train_step
+    monkeypatch.setattr(bench, "train_step", lambda *a: calls.append(1) or real(*a))
+    record = run(spec_file, tmp_path, "--profile", "2")
+    assert len(calls) == 2 * (1 + 2 + 2)  # per phase: warm-up, timed, profiled
+    for phase in ("compute", "e2e"):
+        p = record["profile"][phase]
+        assert p["steps"] == 2 and p["wall_ms_per_step"] > 0 and p["device_timeline"] is False
+    assert run(spec_file, tmp_path)["profile"] is None
+
+
+def test_trace_summary_splits_device_time_by_stream_and_counts_overlap_once():
+    kernel = lambda ts, dur, stream, name: {"cat": "kernel", "ts": ts, "dur": dur, "name": name,
+                                            "args": {"stream": stream}}
+    events = [
+        kernel(0, 600, 7, "conv"), kernel(600, 200, 7, "gemm"),  # the step: 800 us
+        kernel(500, 300, 20, "views"),  # a side stream, 200 us of it under the step's kernels
+        {"cat": "gpu_memcpy", "ts": 900, "dur": 50, "name": "Memcpy HtoD"},
+        {"cat": "cpu_op", "ts": 0, "dur": 5000, "name": "aten::conv2d"},  # host time: not device time
+    ]
+    p = summarise_trace(events, steps=2, wall_s=2e-3)  # 1 ms a step
+    assert p["device_timeline"] and p["wall_ms_per_step"] == pytest.approx(1.0)
+    assert p["kernel_ms_per_step_by_stream"] == {"7": pytest.approx(0.4), "20": pytest.approx(0.15)}
+    assert p["copy_ms_per_step"] == pytest.approx(0.025)
+    assert p["busy_ms_per_step"] == pytest.approx((800 + 50) / 1e3 / 2)  # the union, per step
+    assert p["idle_fraction"] == pytest.approx(1 - 0.425)
+    assert list(p["top_kernels_ms_per_step"]) == ["conv", "views", "gemm"]
+    assert summarise_trace(events[-1:], 2, 2e-3)["device_timeline"] is False
 
 
 def test_encoded_images_round_trip_within_jpeg_tolerance():
