@@ -1,26 +1,50 @@
 #!/usr/bin/env bash
-# One call on a bare GPU box: install the carried wheels (bench/fetch-wheels.sh), time the views
-# (bench/views.sh), run the matrix (bench/gpu.sh), and pack everything into $OUT/results.tgz with
-# the two tables beside it (the device tool brings back at most 8 files).
-#   run: bash bench/device-run.sh      (carry: .whl; about 7 minutes on an H200)
+# One call on a bare GPU box: install the carried wheels (bench/fetch-wheels.sh), run the matrix
+# (bench/gpu.sh) first, then, while DEADLINE_S allows, two probes: the ResNet-50 views alone
+# (each stage, and ours compiled) and the compiled ResNet-50 LeOCLR row with JPEGs decoded by
+# the loader workers instead of nvJPEG (the A/B of where decoding belongs). Everything is packed
+# into $OUT/results.tgz with the matrix table beside it (the device tool brings back at most 8 files).
+#   run: bash bench/device-run.sh      (carry: .whl; about 7.5 minutes on an H200)
+# kornia against ours was measured on 2026-11-26 (docs/bench/h200-2026-11-26/); IMPLS adds it back.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 R="${OUT:?OUT must name the folder that comes back}"
+DEADLINE_S="${DEADLINE_S:-480}"  # no probe starts that could end past this many seconds
 WORK=/tmp/leoclr-bench
-rm -rf "$WORK" && mkdir -p "$WORK/views" "$WORK/matrix"
+rm -rf "$WORK" && mkdir -p "$WORK/views" "$WORK/matrix" "$WORK/probe"
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
   export PYTHONPATH="/tmp/site:$PWD"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-OUT="$WORK/views" LIMIT_R50_S="${LIMIT_R50_S:-70}" LIMIT_R18_S="${LIMIT_R18_S:-45}" bash bench/views.sh \
-  >"$WORK/views.log" 2>&1
-grep -hv '^\[bench-views\] \(stage\|whole\|input\)' "$WORK/views.log"
-OUT="$WORK/matrix" BENCH_BUDGET_S="${BENCH_BUDGET_S:-370}" timeout "${MATRIX_LIMIT_S:-400}" bash bench/gpu.sh \
+left() { echo $((DEADLINE_S - SECONDS)); }
+
+OUT="$WORK/matrix" BENCH_BUDGET_S="${BENCH_BUDGET_S:-360}" timeout "${MATRIX_LIMIT_S:-390}" bash bench/gpu.sh \
   >"$WORK/gpu.log" 2>&1
-echo "gpu.sh exit $?"
-grep -E '^===|^\[bench|WARNING' "$WORK/gpu.log" | cut -c1-200
+echo "gpu.sh exit $? after ${SECONDS}s"
+grep -E '^===|^\[bench|WARNING' "$WORK/gpu.log" | cut -c1-240
 cat "$WORK/matrix/table.md" 2>/dev/null
 cp "$WORK/matrix/table.md" "$R/" 2>/dev/null
+
+# The inductor cache is warm now: these compile in seconds, not a minute.
+export TORCHINDUCTOR_FX_GRAPH_CACHE=1 TORCHINDUCTOR_AUTOGRAD_CACHE=1
+IMPL_ARGS=()
+for impl in ${IMPLS:-ours-fp16 ours-fp16-compiled}; do IMPL_ARGS+=(--impl "$impl"); done
+if (($(left) > 45)); then
+  timeout -k 5 $(($(left) > 60 ? 60 : $(left))) python3 -m leoclr_core.bench_views bench/r50-224.yaml \
+    --device cuda --jpeg "${IMPL_ARGS[@]}" --json "$WORK/views/views-r50.json" \
+    >"$WORK/views/views-r50.log" 2>&1
+  echo "views exit $? after ${SECONDS}s"
+  grep -h '^\[bench-views\]' "$WORK/views/views-r50.log" | cut -c1-200
+fi
+if (($(left) > 60)); then
+  timeout -k 5 $(($(left) > 120 ? 120 : $(left))) python3 -m leoclr_core.bench bench/r50-224.yaml --device cuda \
+    --data jpeg --decode workers --compile --steps 30 --warmup 8 --loader-workers "${LOADER_WORKERS:-12}" \
+    --max-images 1024 --json "$WORK/probe/r50-leoclr-compiled-workers-decode.json" \
+    >"$WORK/probe/r50-leoclr-compiled-workers-decode.log" 2>&1
+  echo "probe exit $? after ${SECONDS}s"
+  grep -E '^\[bench|^\|' "$WORK/probe/r50-leoclr-compiled-workers-decode.log" | cut -c1-240
+fi
 tar czf "$R/results.tgz" -C "$WORK" .
+echo "done after ${SECONDS}s"

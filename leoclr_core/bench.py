@@ -8,7 +8,8 @@ torch.compile), with W untimed warm-up steps and one device synchronisation on e
 N timed steps, none inside them.
 
     python -m leoclr_core.bench [SPEC] [--set k=v ...] [--steps N] [--warmup W] [--compile]
-        [--device cuda|cpu] [--data synthetic|jpeg] [--loader-workers K] [--profile N] [--json PATH]
+        [--device cuda|cpu] [--data synthetic|jpeg] [--decode device|workers] [--loader-workers K]
+        [--profile N] [--json PATH]
     python -m leoclr_core.bench --table RESULTS_DIR_OR_JSON... [--out table.md]
 
 Imports only torch, torchvision, numpy, PIL, yaml, pydantic (via spec) and the stdlib: runs on a bare GPU box.
@@ -201,27 +202,39 @@ class Feed:
     collate: Callable
     batched: bool
     jpeg: bool
+    device_decode: bool = False  # JPEGs decoded on the training device (else by the loader workers)
     jpeg_bytes: int = 0  # total encoded size: synthetic scenes compress far better than photographs
     px: int = 0  # side of the (square) images, which device-decoded JPEGs are resized to
 
     def describe(self, device: torch.device) -> str:
         where = "nvJPEG" if device.type == "cuda" else "CPU"
-        decode = (f" + {where} batch decode" if self.batched else " + decode in workers") if self.jpeg else ""
+        decode = (f" + {where} batch decode" if self.device_decode else " + decode in workers") if self.jpeg else ""
         return (f"batched views on {device.type}" if self.batched else "per-sample views in workers") + decode
 
 
-def build_feed(spec: PretrainSpec, runtime: Runtime, images: ImageSource, jpeg: bool) -> Feed:
-    """Wrap `images` for the loader (JPEG-encoding them once when `jpeg`); not part of any timing."""
+DECODE_PLACES = ("device", "workers")
+
+
+def build_feed(spec: PretrainSpec, runtime: Runtime, images: ImageSource, jpeg: bool,
+               decode: str = "device") -> Feed:
+    """Wrap `images` for the loader (JPEG-encoding them once when `jpeg`); not part of any timing.
+    With batched views, `decode` says where JPEGs are decoded: on the training device (the
+    product's image-folder path, `data.decode: gpu`) or by the loader workers (`cpu`)."""
+    if decode not in DECODE_PLACES:
+        raise ValueError(f"decode must be one of {DECODE_PLACES}, got {decode!r}")
     if augments_batched(spec, runtime):
-        if jpeg:
+        if jpeg and decode == "device":
             encoded = EncodedImages(images, JPEG_QUALITY)
-            return Feed(encoded, collate_jpeg_or_pixels, True, True, encoded.nbytes, images.fixed_size or 0)
+            return Feed(encoded, collate_jpeg_or_pixels, True, True, True, encoded.nbytes, images.fixed_size or 0)
+        if jpeg:
+            encoded = EncodedImages(images, JPEG_QUALITY, decode=True)
+            return Feed(encoded, collate_images, True, True, False, encoded.nbytes)
         return Feed(images, collate_images, True, False)
     d = spec.data
     source = EncodedImages(images, JPEG_QUALITY, decode=True) if jpeg else images
     transform = make_view_transform(spec.method, spec.augment, d.image_size, d.mean, d.std)
     nbytes = source.nbytes if isinstance(source, EncodedImages) else 0
-    return Feed(ViewDataset(source, transform), collate_views, False, jpeg, nbytes)
+    return Feed(ViewDataset(source, transform), collate_views, False, jpeg, False, nbytes)
 
 
 def view_batches(feed: Feed, spec: PretrainSpec, method: MomentumMethod, runtime: Runtime,
@@ -238,7 +251,7 @@ def view_batches(feed: Feed, spec: PretrainSpec, method: MomentumMethod, runtime
         feed.dataset, batch_size=b, sampler=sampler, drop_last=True, collate_fn=feed.collate,
         # JPEG bytes stay pageable: nvJPEG may read pinned input after decode returns, when the
         # loader could already be refilling that pinned block with the next batch.
-        num_workers=workers, pin_memory=cuda and not feed.jpeg, persistent_workers=workers > 0,
+        num_workers=workers, pin_memory=cuda and not feed.device_decode, persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
     )
     maker = batched_views(spec, method.view_kinds, runtime, compile_views) if feed.batched else None
@@ -247,7 +260,7 @@ def view_batches(feed: Feed, spec: PretrainSpec, method: MomentumMethod, runtime
         payload = item[0]
         if maker is None:
             return tuple(runtime.to_device(v) for v in payload)
-        if feed.jpeg:
+        if feed.device_decode:
             images = decode_resize_batch(payload, feed.px, runtime.device)[0]
         else:
             images = payload.to(runtime.device, non_blocking=True)
@@ -262,7 +275,7 @@ def view_batches(feed: Feed, spec: PretrainSpec, method: MomentumMethod, runtime
 # ---------------------------------------------------------------- one benchmark
 def run_bench(spec: PretrainSpec, *, device: torch.device, steps: int, warmup: int, data: str,
               workers: int, max_images: int, prefetch: int = 2, compile_views: bool | None = None,
-              profile: int = 0) -> dict:
+              profile: int = 0, decode: str = "device") -> dict:
     """Measure compute-only then end-to-end throughput of `spec` on `device`; returns the record.
     `profile` > 0: that many more steps of each phase under the profiler (`profile_steps`)."""
     torch.manual_seed(spec.seed)
@@ -300,7 +313,7 @@ def run_bench(spec: PretrainSpec, *, device: torch.device, steps: int, warmup: i
     count = max(b, min(max_images, (warmup + steps) * b, spec.data.num_images or max_images))
     log(f"preparing {count} images ({data}) for the end-to-end run")
     t0 = time.perf_counter()
-    feed = build_feed(spec, runtime, bench_images(spec, count), jpeg=data == "jpeg")
+    feed = build_feed(spec, runtime, bench_images(spec, count), jpeg=data == "jpeg", decode=decode)
     data_s = time.perf_counter() - t0
     log(f"end-to-end ({feed.describe(device)}, {workers} loader workers): "
         f"{warmup} warm-up + {steps} timed steps")
@@ -371,7 +384,8 @@ def input_path(r: dict) -> str:
     if "prefetch" not in r:
         return "-"
     ahead = f"{r['prefetch']} ahead" if r["prefetch"] else "inline"
-    return ahead + (", compiled views" if r.get("compile_views") else "")
+    workers = r.get("data") == "jpeg" and r.get("feed", "").endswith("decode in workers")
+    return ahead + (", compiled views" if r.get("compile_views") else "") + (", JPEG decoded in workers" if workers else "")
 
 
 def final_losses(r: dict) -> str:
@@ -404,6 +418,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
     p.add_argument("--compile", action="store_true", help="set scaling.compile (compile time is warm-up)")
     p.add_argument("--data", choices=("synthetic", "jpeg"), default="synthetic")
+    p.add_argument("--decode", choices=DECODE_PLACES, default="device",
+                   help="--data jpeg with batched views: decode on the training device or in loader workers")
     p.add_argument("--loader-workers", type=int, default=None, help="default: scaling.loader_workers")
     p.add_argument("--max-images", type=int, default=4096, help="distinct images prepared (then cycled)")
     p.add_argument("--prefetch", type=int, default=2,
@@ -472,7 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     record = run_bench(spec, device=device, steps=args.steps, warmup=args.warmup, data=args.data,
                        workers=workers, max_images=args.max_images, prefetch=args.prefetch,
                        compile_views={"auto": None, "on": True, "off": False}[args.compile_views],
-                       profile=args.profile)
+                       profile=args.profile, decode=args.decode)
     print(markdown_table([record]), end="")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

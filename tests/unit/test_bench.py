@@ -89,6 +89,13 @@ def test_bench_per_sample_cpu_views_with_jpeg_decoded_in_workers(spec_file, tmp_
     assert record["e2e_inst_per_s"] > 0
 
 
+def test_bench_batched_views_with_jpeg_decoded_in_workers(spec_file, tmp_path):
+    record = run(spec_file, tmp_path, "--data", "jpeg", "--decode", "workers")
+    assert record["feed"] == "batched views on cpu + decode in workers"
+    assert record["e2e_inst_per_s"] > 0 and record["loss_finite"]["e2e"]
+    assert "JPEG decoded in workers" in markdown_table([record])
+
+
 def test_bench_feeds_packed_jpeg_batches_through_loader_workers(spec_file, tmp_path):
     record = run(spec_file, tmp_path, "--data", "jpeg", "--loader-workers", "2")
     assert record["loader_workers"] == 2 and record["feed"] == "batched views on cpu + CPU batch decode"
