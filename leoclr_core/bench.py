@@ -298,15 +298,15 @@ def run_bench(spec: PretrainSpec, *, device: torch.device, steps: int, warmup: i
     dtype = runtime.view_dtype if augments_batched(spec, runtime) else torch.float32
     views = [random_views(method, runtime, b, size, dtype)]  # a list, so the memory is freed right after
     compute = measure(lambda: train_step(method, optimizer, views[0], m, runtime), warmup, steps, b, device)
+    # Printed at once, so a run cut short during the end-to-end phase still leaves this figure.
+    log(f"compute-only: {compute.instances_per_s:,.0f} instances/s"
+        + (f" (first step {compute.first_step_s:.0f} s)" if compute.first_step_s is not None else ""))
     profiles = {}
     if profile:
         profiles["compute"] = profile_steps(lambda: train_step(method, optimizer, views[0], m, runtime),
                                             profile, device)
         log(f"compute-only under the profiler: {describe_profile(profiles['compute'])}")
     views.clear()
-    # Printed at once, so a run cut short during the end-to-end phase still leaves this figure.
-    log(f"compute-only: {compute.instances_per_s:,.0f} instances/s"
-        + (f" (first step {compute.first_step_s:.0f} s)" if compute.first_step_s is not None else ""))
 
     method.load_state_dict(initial[0])  # in place: compiled graphs stay valid
     optimizer.load_state_dict(initial[1])
@@ -321,12 +321,12 @@ def run_bench(spec: PretrainSpec, *, device: torch.device, steps: int, warmup: i
         compile_views = runtime.compile_views
     batches = view_batches(feed, spec, method, runtime, workers, warmup + steps + profile, prefetch, compile_views)
     e2e = measure(lambda: train_step(method, optimizer, next(batches), m, runtime), warmup, steps, b, device)
+    log(f"end-to-end: {e2e.instances_per_s:,.0f} instances/s (first step {e2e.first_step_s or 0:.1f} s)")
     if profile:
         profiles["e2e"] = profile_steps(lambda: train_step(method, optimizer, next(batches), m, runtime),
                                         profile, device)
         log(f"end-to-end under the profiler: {describe_profile(profiles['e2e'])}")
     batches.close()
-    log(f"end-to-end: {e2e.instances_per_s:,.0f} instances/s (first step {e2e.first_step_s or 0:.1f} s)")
     finite = {}
     for name, phase in (("compute", compute), ("e2e", e2e)):
         finite[name] = math.isfinite(phase.last_loss)
