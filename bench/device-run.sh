@@ -4,7 +4,7 @@
 # (each stage, and ours compiled) and the compiled ResNet-50 LeOCLR row with JPEGs decoded by
 # the loader workers instead of nvJPEG (the A/B of where decoding belongs). Everything is packed
 # into $OUT/results.tgz with the matrix table beside it (the device tool brings back at most 8 files).
-#   run: bash bench/device-run.sh      (carry: .whl; about 7.5 minutes on an H200)
+#   run: bash bench/device-run.sh      (carry: .whl; ends within DEADLINE_S plus the install and a probe's limit)
 # kornia against ours was measured on 2026-11-26 (docs/bench/h200-2026-11-26/); IMPLS adds it back.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -182,12 +182,12 @@ class ViewFeed(Feed):
             payload, _labels, skipped = item
             self.skipped += skipped
             if self.device_decode:
-                images, failed = decode_resize_batch(payload, self.source.resize_to, self.runtime.device)
+                payload, failed = decode_resize_batch(payload, self.source.resize_to, self.runtime.device)
                 self.skipped += failed
-                payload = self.maker(images, generator=gen)
             elif self.batched:
-                images = payload.to(self.runtime.device, non_blocking=True)
-                payload = self.maker(images, generator=gen)
+                payload = payload.to(self.runtime.device, non_blocking=True)
+            if self.batched:
+                payload = self.maker(payload, generator=gen)
             return tuple(self.runtime.to_device(v) for v in payload)
 
         # On a GPU the next batches' views are made on a side stream while this one trains.

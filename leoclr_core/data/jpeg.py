@@ -170,7 +170,8 @@ def collate_jpeg_or_pixels(batch: Sequence[tuple[torch.Tensor, int, int]]):
     jpegs = [i for i, d in enumerate(data) if d.ndim == 1]
     decoded = [i for i, d in enumerate(data) if d.ndim == 3]
     if len(jpegs) + len(decoded) != len(data):
-        raise ValueError(f"samples must be encoded bytes or (3, H, W) images, got {[tuple(d.shape) for d in data][:3]}")
+        shapes = [tuple(d.shape) for d in data][:3]
+        raise ValueError(f"samples must be encoded bytes or (3, H, W) images, got {shapes}")
     shapes = {tuple(data[i].shape) for i in decoded}
     if len(shapes) > 1:
         raise ValueError(f"decoded images differ in size {sorted(shapes)[:3]}; build the source with resize_to")
@@ -186,7 +187,8 @@ def _decode_each(encoded: list[torch.Tensor], device: torch.device) -> list[torc
     out: list[torch.Tensor | None] = []
     for e in encoded:
         try:
-            out.append(_decode_cuda([e], device)[0] if device.type == "cuda" else decode_jpeg(e, mode=ImageReadMode.RGB))
+            cuda = device.type == "cuda"
+            out.append(_decode_cuda([e], device)[0] if cuda else decode_jpeg(e, mode=ImageReadMode.RGB))
         except RuntimeError:
             out.append(None)
     return out
