@@ -84,9 +84,10 @@ class DataSpec(_Section):
     seed: int = 0
     labelled: bool = True
     synthetic: SyntheticSpec = SyntheticSpec()
-    # Where an image folder's JPEGs are decoded when views are made on the training device:
-    # "gpu" there (nvJPEG on CUDA; loader workers only read the files), "cpu" in the loader
-    # workers, "auto" = gpu for image folders on a CUDA device. Other sources decode in workers.
+    # Where an image folder's JPEGs are decoded: "gpu" on the training device, whatever it is
+    # (nvJPEG on CUDA; loader workers or Ray Data tasks only read the files), which also makes the
+    # views there; "cpu" in the loader workers or Ray Data tasks; "auto" = gpu when the training
+    # device is a GPU that makes the views. Other sources decode in workers.
     decode: Literal["auto", "cpu", "gpu"] = "auto"
     # ImageNet statistics are a fine default for any natural-ish image source.
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)

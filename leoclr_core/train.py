@@ -74,10 +74,18 @@ def collate_views(batch):
 
 
 def augments_batched(spec: PretrainSpec, runtime: Runtime) -> bool:
-    """Views batched on the training device (`augment.device` gpu, or auto on CUDA, or `batched`),
-    or else per sample in loader workers."""
+    """Views batched on the training device (`augment.device` gpu, or auto on CUDA or with
+    `data.decode` gpu, or `batched`), or else per sample in loader workers."""
     aug = spec.augment
-    return aug.device == "gpu" or (aug.device == "auto" and runtime.device.type == "cuda") or aug.batched
+    if aug.device == "gpu" or aug.batched:
+        return True
+    # decode gpu puts the images on the device undecoded: the views can only be made there
+    return aug.device == "auto" and (runtime.device.type == "cuda" or wants_device_decode(spec))
+
+
+def wants_device_decode(spec: PretrainSpec) -> bool:
+    """`data.decode` asks, in so many words, for an image folder decoded on the training device."""
+    return spec.data.source == "imagefolder" and spec.data.decode == "gpu"
 
 
 def batched_views(spec: PretrainSpec, kinds: tuple[str, ...], runtime: Runtime,
@@ -94,7 +102,7 @@ def decodes_on_device(spec: PretrainSpec, runtime: Runtime) -> bool:
     d = spec.data
     if d.source != "imagefolder" or d.decode == "cpu" or not augments_batched(spec, runtime):
         return False
-    return d.decode == "gpu" or runtime.device.type == "cuda"
+    return wants_device_decode(spec) or runtime.device.type == "cuda"
 
 
 def resize_for_batching(data: DataSpec) -> int:
@@ -183,7 +191,7 @@ class ViewFeed(Feed):
             self.skipped += skipped
             if self.device_decode:
                 payload, failed = decode_resize_batch(payload, self.source.resize_to, self.runtime.device)
-                self.skipped += failed
+                self.skipped += len(failed)
             elif self.batched:
                 payload = payload.to(self.runtime.device, non_blocking=True)
             if self.batched:

@@ -203,11 +203,12 @@ def _index(positions: list[int] | torch.Tensor, device: torch.device) -> torch.T
     return index.to(device, non_blocking=True)
 
 
-def decode_resize_batch(batch: JpegBatch, size: int, device: torch.device | str) -> tuple[torch.Tensor, int]:
+def decode_resize_batch(batch: JpegBatch, size: int, device: torch.device | str) -> tuple[torch.Tensor, list[int]]:
     """Decode the JPEGs of `batch` on `device` (nvJPEG on CUDA, in one batched call), square-resize
     each to `size` as the workers do (`resize_square`), and put them with the workers' images into
-    one uint8 (B, 3, size, size) batch. Returns it and how many JPEGs failed to decode there: each is
-    replaced by another image of the batch (the batch keeps its size, as a skipped file does).
+    one uint8 (B, 3, size, size) batch. Returns it and the batch positions of the JPEGs that failed
+    to decode there: each is replaced by another image of the batch (the batch keeps its size, as a
+    skipped file does).
     nvJPEG reads the bytes where they are: hand it pageable ones, since it may still read pinned
     ones after this returns, when a loader could already be refilling them."""
     device = torch.device(device)
@@ -219,7 +220,7 @@ def decode_resize_batch(batch: JpegBatch, size: int, device: torch.device | str)
             raise ValueError(f"worker-decoded images are {tuple(batch.pixels.shape[-2:])}, expected {size} px")
         out[_index(batch.pixel_index, device)] = batch.pixels.to(device, non_blocking=True)
     if not encoded:
-        return out, 0
+        return out, []
     images: list[torch.Tensor | None]
     if device.type == "cuda":
         try:
@@ -229,7 +230,6 @@ def decode_resize_batch(batch: JpegBatch, size: int, device: torch.device | str)
     else:
         images = _decode_each(encoded, device)
     good = [i for i, im in enumerate(images) if im is not None]
-    bad = len(images) - len(good)
     if not good and not len(batch.pixel_index):
         raise RuntimeError(f"none of the {len(images)} JPEGs of a batch could be decoded on {device}")
     # Same-shaped images are resized together: photo collections repeat a few sizes a lot.
@@ -240,9 +240,10 @@ def decode_resize_batch(batch: JpegBatch, size: int, device: torch.device | str)
     for members in groups.values():
         stacked = torch.stack([images[i] for i in members])  # type: ignore[misc]
         out[_index([where[i] for i in members], device)] = resize_square(stacked, size)
-    if bad:
+    failed = [where[i] for i, im in enumerate(images) if im is None]
+    if failed:
         log.warning("%d of %d JPEGs in a batch failed to decode on %s; each is replaced by another image "
-                    "of the batch", bad, len(images), device)
+                    "of the batch", len(failed), len(images), device)
         donor = where[good[0]] if good else int(batch.pixel_index[0])
-        out[_index([where[i] for i, im in enumerate(images) if im is None], device)] = out[donor].clone()
-    return out, bad
+        out[_index(failed, device)] = out[donor].clone()
+    return out, failed

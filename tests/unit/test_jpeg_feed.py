@@ -95,7 +95,7 @@ def test_device_decode_matches_worker_decode_in_every_position(tmp_path):
     assert batch.jpeg_index.tolist() == [1, 2, 4] and batch.pixel_index.tolist() == [0, 3]
     images, failed = decode_resize_batch(batch, SIZE, "cpu")
     expected = torch.stack([plain[i][0] for i in order])
-    assert images.shape == (5, 3, SIZE, SIZE) and images.dtype == torch.uint8 and failed == 0
+    assert images.shape == (5, 3, SIZE, SIZE) and images.dtype == torch.uint8 and failed == []
     # Same libjpeg decode, same resize: equal up to a rounding step.
     assert (images.int() - expected.int()).abs().max() <= 1
     assert labels.tolist() == [-1] * 5 and skipped == 0
@@ -107,7 +107,7 @@ def test_a_jpeg_the_device_cannot_decode_is_replaced_and_counted(tmp_path, caplo
     batch, _, _ = collate_jpeg_or_pixels([(good[0], 0, 0), (broken, 1, 0), (good[1], 2, 0)])
     with caplog.at_level(logging.WARNING, logger="leoclr_core.data"):
         images, failed = decode_resize_batch(batch, SIZE, "cpu")
-    assert failed == 1 and images.shape == (3, 3, SIZE, SIZE)
+    assert failed == [1] and images.shape == (3, 3, SIZE, SIZE)
     assert torch.equal(images[1], images[0]) and not torch.equal(images[2], images[0])
     assert any("1 of 3 JPEGs" in r.getMessage() for r in caplog.records)
     all_broken, _, _ = collate_jpeg_or_pixels([(broken, 0, 0)])
@@ -115,13 +115,13 @@ def test_a_jpeg_the_device_cannot_decode_is_replaced_and_counted(tmp_path, caplo
         decode_resize_batch(all_broken, SIZE, "cpu")
 
 
-def _spec(tmp_path: Path, **data):
+def _spec(tmp_path: Path, augment_device: str = "gpu", **data):
     return parse_spec({
         "data": {"source": "imagefolder", "path": str(tmp_path / "imgs"), "labelled": False,
                  "num_test_images": 0, "image_size": 12, "num_images": None, **data},
         "model": {"width": 8, "proj_hidden_dim": 16, "proj_dim": 8},
         "loss": {"queue_size": 4}, "optim": {"batch_size": 4, "epochs": 1},
-        "augment": {"device": "gpu"}, "scaling": {"loader_workers": 0},
+        "augment": {"device": augment_device}, "scaling": {"loader_workers": 0},
         "output_dir": str(tmp_path / "out"),
     })
 
@@ -137,6 +137,18 @@ def test_feed_decodes_an_image_folder_on_the_device(tmp_path):
     assert len(views) == 3 and all(v.shape == (4, 3, 12, 12) and torch.isfinite(v).all() for v in views)
     assert not decodes_on_device(_spec(tmp_path, decode="auto"), runtime)  # auto: on CUDA only
     assert not decodes_on_device(_spec(tmp_path, decode="cpu"), runtime)
+
+
+def test_decode_gpu_is_honoured_on_a_cpu_when_the_views_are_left_to_auto(tmp_path):
+    """`decode: gpu` asks for the training device, whatever it is: the views follow the images there
+    instead of the setting being dropped for per-sample views in the loader."""
+    _folder(tmp_path / "imgs")
+    runtime = resolve_runtime(scaling=_spec(tmp_path).scaling, device="cpu")
+    for decode, on_device in (("gpu", True), ("auto", False), ("cpu", False)):
+        spec = _spec(tmp_path, augment_device="auto", decode=decode)
+        method = build_method(spec.method, spec.model, spec.loss, spec.optim.batch_size)
+        feed = ViewFeed(spec, method, runtime, job_source(spec.data, "train"))
+        assert (feed.device_decode, feed.batched) == (on_device, on_device), decode
 
 
 def test_spec_refuses_device_decode_where_it_cannot_apply(tmp_path):
