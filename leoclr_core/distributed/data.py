@@ -3,13 +3,20 @@
 Pipeline of a pretrain job (built on the driver, executed afresh every epoch):
 
     in-memory source (synthetic, CIFAR)      -> from_numpy, in blocks
-    image files (local folder or s3://, gs://)  -> read_binary_files -> decode (tasks)
+    image files (local folder or s3://, gs://)  -> read_binary_files -> decode (tasks), or, when
+                                                   the workers decode (`data.decode`), only the
+                                                   files their device decoder should not get
     Parquet (local or s3://, gs://)             -> read_parquet(image column) -> decode (tasks)
       -> randomize_block_order
       -> views: `map_batches` on CPU, at most `scaling.data_workers` at a time, as tasks (default) or
          an actor pool (`scaling.data_compute`), or nothing when the training workers augment on
          their own GPU (`augment.device` gpu, or auto with GPUs)
       -> streaming_split(num_workers, equal=True) -> `get_dataset_shard` in each worker
+
+When the training workers decode (`decodes_on_worker`: `data.decode` gpu, or auto with GPU
+workers that make the views), an image folder's baseline JPEGs travel as their file bytes, a
+fraction of the pixels' size, and each worker decodes its batch on its device as the in-process
+feed does (`jpeg.decode_resize_batch`: nvJPEG on CUDA).
 
 Ray Data's streaming executor holds back upstream operators when downstream ones fall behind,
 so memory stays bounded by its object-store budget, not by the dataset. Corrupt files are
@@ -27,6 +34,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import pyarrow as pa
 import ray
 import ray.train
 import torch
@@ -36,12 +44,13 @@ from ..augment import BatchedViews
 from ..data import as_hwc_array
 from ..data.base import CorruptImageError, resize_square
 from ..data.imagefolder import EXTENSIONS, ImageFolder, decode_image
+from ..data.jpeg import collate_jpeg_or_pixels, decode_resize_batch, device_decodable
 from ..data.parquet import cell_bytes, parquet_split_paths
 from ..engine import Runtime
 from ..methods import METHOD_REGISTRY, MomentumMethod
 from ..prefetch import Prefetcher
 from ..spec import PretrainSpec
-from ..train import Feed, batched_views, epoch_seed, job_source, resize_for_batching
+from ..train import Feed, batched_views, epoch_seed, job_source, resize_for_batching, wants_device_decode
 from ..views import make_view_transform
 
 log = logging.getLogger(__name__)
@@ -65,9 +74,18 @@ class SkipCounter:
 
 
 def augment_on_worker(spec: PretrainSpec) -> bool:
-    """Views made by the training workers on their GPU (images are streamed), or by CPU actors."""
+    """Views made by the training workers on their device (images are streamed: on their GPU, or
+    wherever `data.decode` gpu sends the images), or by CPU actors."""
     aug = spec.augment
-    return aug.device == "gpu" or (aug.device == "auto" and spec.scaling.use_gpu)
+    return aug.device == "gpu" or (aug.device == "auto" and (spec.scaling.use_gpu or wants_device_decode(spec)))
+
+
+def decodes_on_worker(spec: PretrainSpec) -> bool:
+    """An image folder's JPEGs streamed encoded and decoded by the training workers on their device."""
+    d = spec.data
+    if d.source != "imagefolder" or d.decode == "cpu" or not augment_on_worker(spec):
+        return False
+    return wants_device_decode(spec) or spec.scaling.use_gpu
 
 
 def is_uri(path: str) -> bool:
@@ -91,27 +109,66 @@ def list_image_files(uri: str) -> list[str]:
     return found
 
 
+def _decoded(data: bytes, path: Any, size: int, bad: list[str]) -> torch.Tensor | None:
+    """uint8 (3, size, size), or None for an unreadable image, named in `bad` by its file path or,
+    for a Parquet row, by a digest of its bytes (so each counts once)."""
+    try:
+        return resize_square(decode_image(io.BytesIO(data), draft_size=size), size)
+    except CorruptImageError as exc:
+        name = str(path) if path is not None else "row sha1:" + hashlib.sha1(data).hexdigest()[:16]
+        log.warning("skipping corrupt image %s: %s", name, exc)
+        bad.append(name)
+        return None
+
+
 def decode_batch(batch: dict[str, np.ndarray], size: int, counter: Any | None,
                  column: str = "bytes") -> dict[str, np.ndarray]:
-    """Bytes -> uint8 (N, size, size, 3); unreadable images are dropped and reported to `counter`
-    by file path, or for a Parquet row by a digest of its bytes (so each counts once)."""
+    """Bytes -> uint8 (N, size, size, 3); unreadable images are dropped and reported to `counter`."""
     images, bad = [], []
     paths = batch["path"] if "path" in batch else [None] * len(batch[column])
     for cell, path in zip(batch[column], paths):
-        data = cell_bytes(cell)
-        try:
-            image = decode_image(io.BytesIO(data), draft_size=size)
-        except CorruptImageError as exc:
-            name = str(path) if path is not None else "row sha1:" + hashlib.sha1(data).hexdigest()[:16]
-            log.warning("skipping corrupt image %s: %s", name, exc)
-            bad.append(name)
-            continue
-        images.append(resize_square(image, size).permute(1, 2, 0).numpy())
+        image = _decoded(cell_bytes(cell), path, size, bad)
+        if image is not None:
+            images.append(image.permute(1, 2, 0).numpy())
     if bad and counter is not None:
         counter.add.remote(bad)
     if not images:
         return {IMAGE: np.zeros((0, size, size, 3), np.uint8)}
     return {IMAGE: np.stack(images)}
+
+
+def keep_jpegs(batch: dict[str, np.ndarray], size: int, counter: Any | None) -> pa.Table:
+    """File bytes -> rows for the training workers to decode: a JPEG their device decoder takes as
+    it is (`device_decodable`) keeps its bytes (`jpeg` true); any other file is decoded and resized
+    here and travels as the bytes of its uint8 (3, size, size) pixels. Unreadable files are dropped
+    and reported to `counter`. An explicit Arrow schema, so that an empty batch still concatenates."""
+    blobs, is_jpeg, paths, bad = [], [], [], []
+    for data, path in zip(batch["bytes"], batch["path"]):
+        data = bytes(data)
+        if device_decodable(data):
+            blobs.append(data)
+            is_jpeg.append(True)
+        else:
+            image = _decoded(data, path, size, bad)
+            if image is None:
+                continue
+            blobs.append(image.numpy().tobytes())
+            is_jpeg.append(False)
+        paths.append(str(path))
+    if bad and counter is not None:
+        counter.add.remote(bad)
+    return pa.table({"blob": pa.array(blobs, pa.binary()), "jpeg": pa.array(is_jpeg, pa.bool_()),
+                     "path": pa.array(paths, pa.string())})
+
+
+def jpeg_batch(batch: dict[str, np.ndarray], size: int):
+    """Rows of `keep_jpegs`, batched by Ray Data as NumPy, -> the `JpegBatch` that
+    `decode_resize_batch` takes (the in-process feed's loader hands over the same)."""
+    samples = []
+    for blob, is_jpeg in zip(batch["blob"], batch["jpeg"]):
+        data = torch.frombuffer(bytearray(blob), dtype=torch.uint8)  # writable, pageable (see decode_resize_batch)
+        samples.append((data if is_jpeg else data.view(3, size, size), 0, 0))
+    return collate_jpeg_or_pixels(samples)[0]
 
 
 class MakeViews:
@@ -155,9 +212,6 @@ def build_dataset(spec: PretrainSpec, counter: Any | None = None) -> tuple[ray.d
     d = spec.data
     if d.source == "imagefolder":
         size = resize_for_batching(d)
-        if d.decode == "gpu":  # bytes of mixed sizes do not stream as tensors; Ray Data tasks decode
-            log.warning("data.decode 'gpu' applies to in-process runs; on Ray the files are decoded by "
-                        "Ray Data tasks on CPUs")
         if is_uri(d.path):  # type: ignore[arg-type]
             paths = list_image_files(d.path)  # type: ignore[arg-type]
             if d.num_images is not None:
@@ -167,7 +221,8 @@ def build_dataset(spec: PretrainSpec, counter: Any | None = None) -> tuple[ray.d
                                  num_test=d.num_test_images, seed=d.seed)
             paths = [str(p) for p in folder.files]
         ds = ray.data.read_binary_files(paths, include_paths=True)
-        ds = ds.map_batches(decode_batch, fn_kwargs={"size": size, "counter": counter}, batch_size=64)
+        ds = ds.map_batches(keep_jpegs if decodes_on_worker(spec) else decode_batch,
+                            fn_kwargs={"size": size, "counter": counter}, batch_size=64)
         n = len(paths)
     elif d.source == "parquet":
         size = resize_for_batching(d)
@@ -214,21 +269,30 @@ class RayFeed(Feed):
         self.maker = None
         if augment_on_worker(spec):
             self.maker = batched_views(spec, self.kinds, runtime)
+        self.device_decode = decodes_on_worker(spec)
+        self.px = resize_for_batching(spec.data)
         self.skipped = 0
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, ...]]:
         seed = epoch_seed(self.spec.seed, epoch, dist.rank())
-        batches = self.shard.iter_torch_batches(
-            batch_size=self.batch, drop_last=True, prefetch_batches=2,
-            local_shuffle_buffer_size=2 * self.batch, local_shuffle_seed=seed,
-        )
+        common = {"batch_size": self.batch, "drop_last": True, "prefetch_batches": 2,
+                  "local_shuffle_buffer_size": 2 * self.batch, "local_shuffle_seed": seed}
+        if self.device_decode:  # bytes of mixed lengths: NumPy object columns, not tensors
+            batches = self.shard.iter_batches(batch_format="numpy", **common)
+        else:
+            batches = self.shard.iter_torch_batches(**common)
         gen = torch.Generator().manual_seed(seed) if self.maker else None  # CPU: see BatchedViews.params_for
 
         def prepare(batch) -> tuple[torch.Tensor, ...]:
-            if self.maker is not None:
+            if self.device_decode:
+                images, failed = decode_resize_batch(jpeg_batch(batch, self.px), self.px, self.runtime.device)
+                if failed and self.counter is not None:
+                    self.counter.add.remote([str(batch["path"][i]) for i in failed])
+            elif self.maker is not None:
                 images = batch[IMAGE].to(self.runtime.device, non_blocking=True).permute(0, 3, 1, 2)
-                return tuple(self.runtime.to_device(v) for v in self.maker(images, generator=gen))
-            return tuple(self.runtime.to_device(batch[f"view{k}"]).float() for k in range(len(self.kinds)))
+            else:
+                return tuple(self.runtime.to_device(batch[f"view{k}"]).float() for k in range(len(self.kinds)))
+            return tuple(self.runtime.to_device(v) for v in self.maker(images, generator=gen))  # type: ignore[misc]
 
         # On a GPU the next batches' views are made on a side stream while this one trains.
         yield from Prefetcher(batches, prepare, self.runtime.device)

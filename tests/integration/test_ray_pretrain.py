@@ -212,6 +212,43 @@ def test_image_folder_streams_through_ray_data_and_counts_corrupt_files(ray_clus
     assert run.encoder is not None and run.encoder.version is None  # logged, not registered
 
 
+def test_workers_decode_an_image_folders_jpegs_when_asked(ray_cluster, tmp_path):
+    """`data.decode: gpu` on a CPU cluster: the workers get the JPEGs as file bytes and decode them
+    on their device (the CPU here, nvJPEG on a GPU); a file only the worker's decoder finds broken
+    is replaced in its batch and counted with those Ray Data dropped."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from leoclr_core.distributed.pretrain import run_pretrain
+    from leoclr_core.spec import parse_spec
+
+    rng = np.random.default_rng(1)
+    root = tmp_path / "images"
+    root.mkdir()
+    for i in range(62):
+        Image.fromarray(rng.integers(0, 255, (20 + i % 5, 24, 3), dtype=np.uint8)).save(root / f"{i:02d}.jpg")
+    Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / "png.png")
+    jpeg = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(jpeg, format="JPEG")
+    whole = jpeg.getvalue()
+    (root / "cut_scan.jpg").write_bytes(whole[: whole.find(b"\xff\xda")] + b"\xff\xd9")  # decoder fails
+    (root / "garbage.jpg").write_bytes(b"not an image at all")  # Ray Data's task drops it
+    spec = parse_spec(tiny_spec(
+        "ray-folder-jpeg", tmp_path,
+        data={"source": "imagefolder", "path": str(root), "num_images": None, "num_test_images": 0,
+              "image_size": 16, "decode": "gpu", "labelled": False},
+        augment={"batched": False}, loss={"queue_size": 32}, optim={"epochs": 1, "batch_size": 32},
+        scaling={"num_workers": 1}, register={"model_name": None}))
+    run = run_pretrain(spec)
+    final = run.state.final
+    # 65 files, 64 streamed: 2 full batches of 32, the cut scan in one of them. Had Ray Data decoded
+    # it would have dropped the cut scan too, leaving 63 rows: one batch.
+    assert final["step"] == 2 and final["skipped_files"] == 2
+    assert np.isfinite(final["loss"])
+
+
 def _test_split_files(spec):
     from leoclr_core.data import ImageFolder
 

@@ -157,3 +157,36 @@ def test_spec_refuses_device_decode_where_it_cannot_apply(tmp_path):
     with pytest.raises(SpecError, match="augment.device 'gpu' or 'auto'"):
         parse_spec({"data": {"source": "imagefolder", "path": str(tmp_path), "decode": "gpu"},
                     "augment": {"device": "cpu"}})
+
+
+def test_ray_rows_carry_jpeg_bytes_that_decode_as_ray_data_would(tmp_path):
+    """On Ray, `keep_jpegs` (a Ray Data task) passes the device's JPEGs through as their file bytes
+    and decodes the rest; a training worker rebuilds the batch and decodes it on its device to the
+    images Ray Data's own decode would have streamed."""
+    from types import SimpleNamespace
+
+    from leoclr_core.distributed.data import IMAGE, decode_batch, jpeg_batch, keep_jpegs
+
+    _folder(tmp_path / "imgs")
+    (tmp_path / "imgs" / "e_cut.jpg").write_bytes(_cut_scan(_jpeg(_photo(30, 40, 10))))
+    files = sorted((tmp_path / "imgs").iterdir())
+    batch = {"bytes": np.array([f.read_bytes() for f in files], dtype=object),
+             "path": np.array([str(f) for f in files], dtype=object)}
+    reported: list[str] = []
+    counter = SimpleNamespace(add=SimpleNamespace(remote=reported.extend))
+    rows = keep_jpegs(batch, SIZE, counter)
+    assert reported == [str(tmp_path / "imgs" / "d_truncated.jpg")]  # dropped in the task
+    kept = [Path(p).name for p in rows["path"].to_pylist()]
+    assert kept == ["a0.jpg", "a1.jpg", "a2.jpg", "a3.jpg", "b.png", "c_progressive.jpg", "e_cut.jpg"]
+    assert rows["jpeg"].to_pylist() == [True] * 4 + [False, False, True]
+    assert rows["blob"][0].as_py() == files[0].read_bytes()
+
+    numpy_batch = {name: rows[name].to_numpy(zero_copy_only=False) for name in rows.column_names}
+    images, failed = decode_resize_batch(jpeg_batch(numpy_batch, SIZE), SIZE, "cpu")
+    assert failed == [6]  # the cut scan passes the header read and fails in the decoder
+    reference = torch.from_numpy(decode_batch(batch, SIZE, None)[IMAGE]).permute(0, 3, 1, 2)
+    assert images.shape == (7, 3, SIZE, SIZE) and reference.shape[0] == 6  # the cut scan fails there too
+    assert (images[:6].int() - reference.int()).abs().max() <= 1
+    empty = keep_jpegs({"bytes": np.array([b"junk"], dtype=object), "path": np.array(["x.jpg"], dtype=object)},
+                       SIZE, None)
+    assert empty.num_rows == 0 and empty.schema == rows.schema  # concatenates with the others
