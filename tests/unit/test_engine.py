@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 
 import leoclr_core.methods as methods_mod
 from leoclr_core.engine import Runtime, build_optimizer, lr_factor, prepare_method, train_step
-from leoclr_core.methods import LeOCLR, MoCoV2, build_method
+from leoclr_core.methods import build_method
 from leoclr_core.spec import LossSpec, ModelSpec, OptimSpec
 
 MODEL = ModelSpec(backbone="tiny", width=4, proj_hidden_dim=16, proj_dim=8)
