@@ -14,9 +14,10 @@ Pipeline of a pretrain job (built on the driver, executed afresh every epoch):
       -> streaming_split(num_workers, equal=True) -> `get_dataset_shard` in each worker
 
 When the training workers decode (`decodes_on_worker`: `data.decode` gpu, or auto with GPU
-workers that make the views), an image folder's baseline JPEGs travel as their file bytes, a
-fraction of the pixels' size, and each worker decodes its batch on its device as the in-process
-feed does (`jpeg.decode_resize_batch`: nvJPEG on CUDA).
+workers that make the views), an image folder's baseline JPEGs travel as their file bytes and
+each worker decodes its batch on its device as the in-process feed does
+(`jpeg.decode_resize_batch`: nvJPEG on CUDA): decoding, the costliest part of the input, leaves
+the CPUs.
 
 Ray Data's streaming executor holds back upstream operators when downstream ones fall behind,
 so memory stays bounded by its object-store budget, not by the dataset. Corrupt files are
