@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One call on a bare GPU box: install the carried wheels (bench/fetch-wheels.sh), run the matrix
-# (bench/gpu.sh) first, then, while DEADLINE_S allows, two probes: the ResNet-50 views alone
-# (each stage, and ours compiled) and the compiled ResNet-50 LeOCLR row with JPEGs decoded by
-# the loader workers instead of nvJPEG (the A/B of where decoding belongs). Everything is packed
+# One call on a bare GPU box: install the carried wheels (bench/fetch-wheels.sh), check for the
+# nvJPEG decode race (leoclr_core/decode_check.py), run the matrix (bench/gpu.sh), then,
+# while DEADLINE_S allows, two probes: the ResNet-50 views alone (each stage, and ours compiled)
+# and the compiled ResNet-50 LeOCLR row with JPEGs decoded by the loader workers instead of
+# nvJPEG (the A/B of where decoding belongs). Everything is packed
 # into $OUT/results.tgz with the matrix table beside it (the device tool brings back at most 8 files).
 #   run: bash bench/device-run.sh      (carry: .whl; ends within DEADLINE_S plus the install and a probe's limit)
 # kornia against ours was measured on 2026-11-26 (docs/bench/h200-2026-11-26/); IMPLS adds it back.
@@ -19,6 +20,13 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 left() { echo $((DEADLINE_S - SECONDS)); }
+
+# First, as it decides how to read the rest: does a decode on the GPU land under queued kernels
+# (plain), and does the feeds' decode (quiet) stay clear of them?
+timeout -k 5 "${CHECK_LIMIT_S:-60}" python3 -m leoclr_core.decode_check --device cuda \
+  --json "$WORK/decode-check.json" >"$WORK/decode-check.log" 2>&1
+echo "decode check exit $? after ${SECONDS}s"
+grep -h '^\[decode-check\]' "$WORK/decode-check.log" | cut -c1-240
 
 OUT="$WORK/matrix" BENCH_BUDGET_S="${BENCH_BUDGET_S:-360}" timeout "${MATRIX_LIMIT_S:-390}" bash bench/gpu.sh \
   >"$WORK/gpu.log" 2>&1
