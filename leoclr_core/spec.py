@@ -28,6 +28,7 @@ from pydantic import (
 BACKBONES = ("tiny", "resnet18", "resnet34", "resnet50")
 METHODS = ("leoclr", "mocov2")
 DATA_SOURCES = ("synthetic-objects", "cifar10", "imagefolder", "parquet")
+ENCODED_SOURCES = ("imagefolder", "parquet")  # image files' bytes, which a device can decode (`data.decode`)
 
 
 class SpecError(ValueError):
@@ -84,10 +85,10 @@ class DataSpec(_Section):
     seed: int = 0
     labelled: bool = True
     synthetic: SyntheticSpec = SyntheticSpec()
-    # Where an image folder's JPEGs are decoded: "gpu" on the training device, whatever it is
-    # (nvJPEG on CUDA; loader workers or Ray Data tasks only read the files), which also makes the
-    # views there; "cpu" in the loader workers or Ray Data tasks; "auto" = gpu when the training
-    # device is a GPU that makes the views. Other sources decode in workers.
+    # Where the JPEGs of an image folder or Parquet source are decoded: "gpu" on the training
+    # device, whatever it is (nvJPEG on CUDA; loader workers or Ray Data tasks only read the
+    # files), which also makes the views there; "cpu" in the loader workers or Ray Data tasks;
+    # "auto" = gpu when the training device is a GPU that makes the views.
     decode: Literal["auto", "cpu", "gpu"] = "auto"
     # ImageNet statistics are a fine default for any natural-ish image source.
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -97,8 +98,9 @@ class DataSpec(_Section):
     def _path_when_needed(self) -> "DataSpec":
         if self.source != "synthetic-objects" and not self.path:
             raise ValueError(f"path is required for source '{self.source}'")
-        if self.decode == "gpu" and self.source != "imagefolder":
-            raise ValueError(f"decode 'gpu' is for source 'imagefolder' (files read as JPEG bytes), not '{self.source}'")
+        if self.decode == "gpu" and self.source not in ENCODED_SOURCES:
+            raise ValueError(f"decode 'gpu' is for sources of encoded images ({', '.join(ENCODED_SOURCES)}), "
+                             f"not '{self.source}'")
         if self.source == "synthetic-objects" and self.num_images is None:
             raise ValueError("num_images is required for source 'synthetic-objects'")
         if any(s <= 0 for s in self.std):

@@ -42,7 +42,7 @@ from .evaluate import EvalResult, evaluate_backbone
 from .methods import MomentumMethod, build_method
 from .model import build_backbone
 from .prefetch import Prefetcher
-from .spec import DataSpec, ModelSpec, PretrainSpec
+from .spec import ENCODED_SOURCES, DataSpec, ModelSpec, PretrainSpec
 from .views import make_view_transform
 
 log = logging.getLogger(__name__)
@@ -84,8 +84,8 @@ def augments_batched(spec: PretrainSpec, runtime: Runtime) -> bool:
 
 
 def wants_device_decode(spec: PretrainSpec) -> bool:
-    """`data.decode` asks, in so many words, for an image folder decoded on the training device."""
-    return spec.data.source == "imagefolder" and spec.data.decode == "gpu"
+    """`data.decode` asks, in so many words, for encoded images decoded on the training device."""
+    return spec.data.source in ENCODED_SOURCES and spec.data.decode == "gpu"
 
 
 def batched_views(spec: PretrainSpec, kinds: tuple[str, ...], runtime: Runtime,
@@ -98,9 +98,10 @@ def batched_views(spec: PretrainSpec, kinds: tuple[str, ...], runtime: Runtime,
 
 
 def decodes_on_device(spec: PretrainSpec, runtime: Runtime) -> bool:
-    """An image folder's JPEGs decoded on the training device (`data.decode`) rather than in workers."""
+    """The JPEGs of an image folder or Parquet source decoded on the training device (`data.decode`)
+    rather than in loader workers."""
     d = spec.data
-    if d.source != "imagefolder" or d.decode == "cpu" or not augments_batched(spec, runtime):
+    if d.source not in ENCODED_SOURCES or d.decode == "cpu" or not augments_batched(spec, runtime):
         return False
     return wants_device_decode(spec) or runtime.device.type == "cuda"
 
@@ -134,8 +135,9 @@ class ViewFeed(Feed):
     """Turns a data source into batches of views on the training device, one epoch at a time.
 
     `augment.device` = cpu: torchvision v2 per sample in the loader; gpu (or `batched` on CPU):
-    uint8 images go to the device and `BatchedViews` makes all views of a batch at once. An image
-    folder's JPEGs then go there still encoded and are decoded there (`decodes_on_device`).
+    uint8 images go to the device and `BatchedViews` makes all views of a batch at once. The JPEGs
+    of an image folder or Parquet source then go there still encoded and are decoded there
+    (`decodes_on_device`).
     """
 
     def __init__(self, spec: PretrainSpec, method: MomentumMethod, runtime: Runtime, source: ImageSource):

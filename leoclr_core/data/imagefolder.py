@@ -5,8 +5,8 @@ the test split is a seeded hold-out of `num_test` files and train is the rest, s
 always gives the same, disjoint, splits. File lists are sorted, so indices are stable.
 
 Decoding is lazy (in DataLoader workers), or left to the training device: a copy made by
-`encoded_copy()` returns the file bytes of every JPEG a device decoder takes as it is
-(`jpeg.device_decodable`) and decodes only the other files. A corrupt or truncated file raises CorruptImageError,
+`encoded_copy()` (`ServesEncoded`, shared with Parquet sources) returns the file bytes of every
+JPEG a device decoder takes as it is (`jpeg.device_decodable`) and decodes only the other files. A corrupt or truncated file raises CorruptImageError,
 which the base class turns into a skip; truncated files are NOT silently padded (PIL's
 LOAD_TRUNCATED_IMAGES is left alone), because half a photo is a wrong training sample.
 """
@@ -57,7 +57,30 @@ def _seeded_perm(n: int, seed: int, key: int) -> np.ndarray:
     return np.random.Generator(np.random.PCG64(ss)).permutation(n)
 
 
-class ImageFolder(ImageSource):
+class ServesEncoded:
+    """For a source of encoded image files (`ImageSource` subclasses with `resize_to`):
+    `encoded_copy()` gives the same split serving each device-decodable JPEG as its 1-D uint8 file
+    bytes (decoded and resized later by `jpeg.decode_resize_batch`) and every other file decoded
+    and resized as usual (`encoded_or_decoded`)."""
+
+    encoded = False
+    resize_to: int | None
+
+    def encoded_copy(self):
+        if self.resize_to is None:
+            raise ValueError(f"an encoded {type(self).__name__} needs resize_to: its decoded files must stack")
+        other = copy.copy(self)
+        other._bad = set()  # type: ignore[attr-defined]
+        other.encoded = True
+        return other
+
+    def encoded_or_decoded(self, raw: bytes) -> torch.Tensor:
+        if device_decodable(raw):
+            return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        return decode_image(io.BytesIO(raw), self.resize_to)
+
+
+class ImageFolder(ServesEncoded, ImageSource):
     """Images decoded with PIL, converted to RGB; see the module docstring for layout and splits."""
 
     name = "imagefolder"
@@ -148,18 +171,6 @@ class ImageFolder(ImageSource):
     def describe_item(self, index: int) -> str:
         return str(self.files[index])
 
-    encoded = False  # see encoded_copy
-
-    def encoded_copy(self) -> "ImageFolder":
-        """This split, serving device-decodable JPEGs as their 1-D uint8 file bytes (to be decoded
-        and resized by `jpeg.decode_resize_batch`) and every other file decoded and resized as usual."""
-        if self.resize_to is None:
-            raise ValueError("an encoded image folder needs resize_to: its decoded files must stack")
-        other = copy.copy(self)
-        other._bad = set()
-        other.encoded = True
-        return other
-
     def _load(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.files[index], int(self.labels[index])
         if not self.encoded:
@@ -168,9 +179,7 @@ class ImageFolder(ImageSource):
             raw = path.read_bytes()
         except OSError as exc:
             raise CorruptImageError(f"{type(exc).__name__}: {exc}") from exc
-        if device_decodable(raw):
-            return torch.frombuffer(bytearray(raw), dtype=torch.uint8), label
-        return decode_image(io.BytesIO(raw), self.resize_to), label
+        return self.encoded_or_decoded(raw), label
 
 
 def decode_image(file: str | Path | io.BytesIO, draft_size: int | None = None) -> torch.Tensor:

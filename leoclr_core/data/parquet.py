@@ -5,7 +5,8 @@ an optional label in `label_column` (ints or strings).
 `path/test`) exist they are the splits; otherwise every row is training data and there is no
 test split (k-NN during pretraining is then skipped). Rows are read with pyarrow (imported on
 use, so the training core still runs where pyarrow is absent); on Ray, the same files stream
-through Ray Data's Parquet reader instead (local paths or s3:// / gs:// URIs).
+through Ray Data's Parquet reader instead (local paths or s3:// / gs:// URIs). Like an image
+folder, rows of JPEGs can be left to the training device to decode (`encoded_copy()`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from leoclr_core.data.base import ImageSource, check_resize, check_split
-from leoclr_core.data.imagefolder import decode_image
+from leoclr_core.data.imagefolder import ServesEncoded, decode_image
 
 
 def parquet_split_paths(path: str | Path) -> tuple[Path, Path | None]:
@@ -32,7 +33,7 @@ def parquet_split_paths(path: str | Path) -> tuple[Path, Path | None]:
     return root, None
 
 
-class ParquetImages(ImageSource):
+class ParquetImages(ServesEncoded, ImageSource):
     name = "parquet"
 
     def __init__(self, path: str | Path, split: str = "train", *, image_column: str = "image",
@@ -83,7 +84,10 @@ class ParquetImages(ImageSource):
         return f"{self.where}[row {index}]"
 
     def _load(self, index: int) -> tuple[torch.Tensor, int]:
-        return decode_image(io.BytesIO(self.images[index]), self.resize_to), int(self.labels[index])
+        raw, label = self.images[index], int(self.labels[index])
+        if self.encoded:  # see ServesEncoded
+            return self.encoded_or_decoded(raw), label
+        return decode_image(io.BytesIO(raw), self.resize_to), label
 
 
 def cell_bytes(value: object) -> bytes:

@@ -3,10 +3,10 @@
 Pipeline of a pretrain job (built on the driver, executed afresh every epoch):
 
     in-memory source (synthetic, CIFAR)      -> from_numpy, in blocks
-    image files (local folder or s3://, gs://)  -> read_binary_files -> decode (tasks), or, when
-                                                   the workers decode (`data.decode`), only the
-                                                   files their device decoder should not get
+    image files (local folder or s3://, gs://)  -> read_binary_files -> decode (tasks)
     Parquet (local or s3://, gs://)             -> read_parquet(image column) -> decode (tasks)
+      (when the workers decode, `data.decode`, the tasks decode only the images their device
+       decoder should not get)
       -> randomize_block_order
       -> views: `map_batches` on CPU, at most `scaling.data_workers` at a time, as tasks (default) or
          an actor pool (`scaling.data_compute`), or nothing when the training workers augment on
@@ -14,7 +14,8 @@ Pipeline of a pretrain job (built on the driver, executed afresh every epoch):
       -> streaming_split(num_workers, equal=True) -> `get_dataset_shard` in each worker
 
 When the training workers decode (`decodes_on_worker`: `data.decode` gpu, or auto with GPU
-workers that make the views), an image folder's baseline JPEGs travel as their file bytes and
+workers that make the views), the baseline JPEGs of an image folder or Parquet source travel as
+their file bytes and
 each worker decodes its batch on its device as the in-process feed does
 (`jpeg.decode_resize_batch`: nvJPEG on CUDA): decoding, the costliest part of the input, leaves
 the CPUs.
@@ -50,7 +51,7 @@ from ..data.parquet import cell_bytes, parquet_split_paths
 from ..engine import Runtime
 from ..methods import METHOD_REGISTRY, MomentumMethod
 from ..prefetch import Prefetcher
-from ..spec import PretrainSpec
+from ..spec import ENCODED_SOURCES, PretrainSpec
 from ..train import Feed, batched_views, epoch_seed, job_source, resize_for_batching, wants_device_decode
 from ..views import make_view_transform
 
@@ -82,9 +83,10 @@ def augment_on_worker(spec: PretrainSpec) -> bool:
 
 
 def decodes_on_worker(spec: PretrainSpec) -> bool:
-    """An image folder's JPEGs streamed encoded and decoded by the training workers on their device."""
+    """JPEGs (of an image folder or Parquet source) streamed encoded and decoded by the training
+    workers on their device."""
     d = spec.data
-    if d.source != "imagefolder" or d.decode == "cpu" or not augment_on_worker(spec):
+    if d.source not in ENCODED_SOURCES or d.decode == "cpu" or not augment_on_worker(spec):
         return False
     return wants_device_decode(spec) or spec.scaling.use_gpu
 
@@ -110,13 +112,18 @@ def list_image_files(uri: str) -> list[str]:
     return found
 
 
+def image_name(data: bytes, path: Any) -> str:
+    """What an unreadable image is counted and reported as: its file path or, for a Parquet row,
+    a digest of its bytes (so each counts once)."""
+    return str(path) if path else "row sha1:" + hashlib.sha1(data).hexdigest()[:16]
+
+
 def _decoded(data: bytes, path: Any, size: int, bad: list[str]) -> torch.Tensor | None:
-    """uint8 (3, size, size), or None for an unreadable image, named in `bad` by its file path or,
-    for a Parquet row, by a digest of its bytes (so each counts once)."""
+    """uint8 (3, size, size), or None for an unreadable image, named in `bad` (`image_name`)."""
     try:
         return resize_square(decode_image(io.BytesIO(data), draft_size=size), size)
     except CorruptImageError as exc:
-        name = str(path) if path is not None else "row sha1:" + hashlib.sha1(data).hexdigest()[:16]
+        name = image_name(data, path)
         log.warning("skipping corrupt image %s: %s", name, exc)
         bad.append(name)
         return None
@@ -138,14 +145,15 @@ def decode_batch(batch: dict[str, np.ndarray], size: int, counter: Any | None,
     return {IMAGE: np.stack(images)}
 
 
-def keep_jpegs(batch: dict[str, np.ndarray], size: int, counter: Any | None) -> pa.Table:
-    """File bytes -> rows for the training workers to decode: a JPEG their device decoder takes as
-    it is (`device_decodable`) keeps its bytes (`jpeg` true); any other file is decoded and resized
-    here and travels as the bytes of its uint8 (3, size, size) pixels. Unreadable files are dropped
-    and reported to `counter`. An explicit Arrow schema, so that an empty batch still concatenates."""
+def keep_jpegs(batch: dict[str, np.ndarray], size: int, counter: Any | None, column: str = "bytes") -> pa.Table:
+    """Image bytes -> rows for the training workers to decode: a JPEG their device decoder takes as
+    it is (`device_decodable`) keeps its bytes (`jpeg` true); any other image is decoded and resized
+    here and travels as the bytes of its uint8 (3, size, size) pixels. Unreadable images are dropped
+    and reported to `counter`. `path` is the file's, or empty for a Parquet row. An explicit Arrow
+    schema, so that an empty batch still concatenates."""
     blobs, is_jpeg, paths, bad = [], [], [], []
-    for data, path in zip(batch["bytes"], batch["path"]):
-        data = bytes(data)
+    for cell, path in zip(batch[column], batch["path"] if "path" in batch else [None] * len(batch[column])):
+        data = cell_bytes(cell)
         if device_decodable(data):
             blobs.append(data)
             is_jpeg.append(True)
@@ -155,7 +163,7 @@ def keep_jpegs(batch: dict[str, np.ndarray], size: int, counter: Any | None) -> 
                 continue
             blobs.append(image.numpy().tobytes())
             is_jpeg.append(False)
-        paths.append(str(path))
+        paths.append(str(path) if path is not None else "")
     if bad and counter is not None:
         counter.add.remote(bad)
     return pa.table({"blob": pa.array(blobs, pa.binary()), "jpeg": pa.array(is_jpeg, pa.bool_()),
@@ -232,8 +240,8 @@ def build_dataset(spec: PretrainSpec, counter: Any | None = None) -> tuple[ray.d
         if d.num_images is not None:
             ds = ds.limit(d.num_images)
         n = ds.count()  # from the files' metadata
-        ds = ds.map_batches(decode_batch, fn_kwargs={"size": size, "counter": counter, "column": d.image_column},
-                            batch_size=64)
+        ds = ds.map_batches(keep_jpegs if decodes_on_worker(spec) else decode_batch,
+                            fn_kwargs={"size": size, "counter": counter, "column": d.image_column}, batch_size=64)
     else:
         images = as_hwc_array(job_source(d, "train"))
         n = len(images)
@@ -288,7 +296,7 @@ class RayFeed(Feed):
             if self.device_decode:
                 images, failed = decode_resize_batch(jpeg_batch(batch, self.px), self.px, self.runtime.device)
                 if failed and self.counter is not None:
-                    self.counter.add.remote([str(batch["path"][i]) for i in failed])
+                    self.counter.add.remote([image_name(batch["blob"][i], batch["path"][i]) for i in failed])
             elif self.maker is not None:
                 images = batch[IMAGE].to(self.runtime.device, non_blocking=True).permute(0, 3, 1, 2)
             else:

@@ -256,9 +256,11 @@ def _test_split_files(spec):
     return ImageFolder(d.path, "test", num_test=d.num_test_images, seed=d.seed).files
 
 
-def test_parquet_rows_stream_through_ray_datas_reader(ray_cluster, tmp_path):
-    """An unlabelled, not pre-split Parquet file: Ray Data's Parquet reader feeds training, a
-    corrupt row is skipped and counted, and k-NN is skipped for want of a test split."""
+@pytest.mark.parametrize("decode, steps", [("auto", 1), ("gpu", 2)])
+def test_parquet_rows_stream_through_ray_datas_reader(ray_cluster, tmp_path, decode, steps):
+    """An unlabelled, not pre-split Parquet file: Ray Data's Parquet reader feeds training, corrupt
+    rows are skipped and counted, and k-NN is skipped for want of a test split. With `decode: gpu`
+    the JPEG rows reach the worker as bytes and its decoder finds the broken scan."""
     import io
 
     import numpy as np
@@ -271,21 +273,24 @@ def test_parquet_rows_stream_through_ray_datas_reader(ray_cluster, tmp_path):
 
     rng = np.random.default_rng(3)
     rows = []
-    for _ in range(96):
+    for _ in range(65):
         buf = io.BytesIO()
         Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(buf, format="JPEG")
         rows.append(buf.getvalue())
-    rows[5] = rows[5][:40]  # a truncated JPEG
+    rows[5] = rows[5][:40]  # a truncated JPEG: Ray Data's task drops it either way
+    rows[9] = rows[9][: rows[9].find(b"\xff\xda")] + b"\xff\xd9"  # headers whole, scan gone
     pq.write_table(pa.table({"jpeg": rows}), tmp_path / "images.parquet")
     spec = parse_spec(tiny_spec(
-        "ray-parquet", tmp_path,
+        f"ray-parquet-{decode}", tmp_path,
         data={"source": "parquet", "path": str(tmp_path / "images.parquet"), "image_column": "jpeg",
-              "label_column": None, "num_images": None, "image_size": 16},
+              "label_column": None, "num_images": None, "image_size": 16, "decode": decode},
         loss={"queue_size": 32}, optim={"epochs": 1, "batch_size": 32}, scaling={"num_workers": 1},
         register={"model_name": None}))
     run = run_pretrain(spec)
     final = run.state.final
-    assert final["skipped_files"] == 1 and final["step"] == 2  # 95 readable rows: 2 full batches of 32
+    # auto (no GPU): the task drops both broken rows, leaving 63 rows, one batch of 32. gpu: 64
+    # rows stream, two batches, and the worker's decoder meets the broken scan in one of them.
+    assert final["skipped_files"] == 2 and final["step"] == steps
     assert "knn_top1" not in final
 
 

@@ -139,6 +139,43 @@ def test_feed_decodes_an_image_folder_on_the_device(tmp_path):
     assert not decodes_on_device(_spec(tmp_path, decode="cpu"), runtime)
 
 
+def test_parquet_rows_of_jpegs_are_decoded_on_the_device_like_a_folders_files(tmp_path):
+    """The same files as Parquet rows: JPEG rows are served as their bytes and decode to what the
+    workers would have made, the rest is decoded by the workers, the truncated row is skipped; a
+    feed with `decode: gpu` decodes them on the device."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from leoclr_core.data.parquet import ParquetImages
+
+    _folder(tmp_path / "imgs")
+    files = sorted((tmp_path / "imgs").iterdir())
+    pq.write_table(pa.table({"jpeg": [f.read_bytes() for f in files]}), tmp_path / "rows.parquet")
+    plain = ParquetImages(tmp_path / "rows.parquet", image_column="jpeg", label_column=None, resize_to=SIZE)
+    encoded = plain.encoded_copy()
+    samples = [encoded[i] for i in range(6)]  # the truncated 7th row: skipped, wraps round to row 0
+    assert [s[0].ndim for s in samples] == [1, 1, 1, 1, 3, 3]  # a0-a3.jpg, b.png, c_progressive.jpg
+    assert bytes(samples[0][0].numpy()) == files[0].read_bytes()
+    assert encoded[6][2] == 1 and torch.equal(encoded[6][0], samples[0][0])
+    batch, _, _ = collate_jpeg_or_pixels(samples)
+    images, failed = decode_resize_batch(batch, SIZE, "cpu")
+    expected = torch.stack([plain[i][0] for i in range(6)])
+    assert failed == [] and (images.int() - expected.int()).abs().max() <= 1
+
+    spec = parse_spec({
+        "data": {"source": "parquet", "path": str(tmp_path / "rows.parquet"), "image_column": "jpeg",
+                 "label_column": None, "num_images": None, "image_size": 12, "decode": "gpu"},
+        "model": {"width": 8, "proj_hidden_dim": 16, "proj_dim": 8},
+        "loss": {"queue_size": 4}, "optim": {"batch_size": 4, "epochs": 1},
+        "scaling": {"loader_workers": 0}, "output_dir": str(tmp_path / "out")})
+    runtime = resolve_runtime(spec.scaling, "cpu")
+    method = build_method(spec.method, spec.model, spec.loss, spec.optim.batch_size)
+    feed = ViewFeed(spec, method, runtime, job_source(spec.data, "train"))
+    assert feed.device_decode and feed.batched
+    (views,) = list(feed.epoch(0))
+    assert len(views) == 3 and all(v.shape == (4, 3, 12, 12) and torch.isfinite(v).all() for v in views)
+
+
 def test_decode_gpu_is_honoured_on_a_cpu_when_the_views_are_left_to_auto(tmp_path):
     """`decode: gpu` asks for the training device, whatever it is: the views follow the images there
     instead of the setting being dropped for per-sample views in the loader."""
@@ -152,7 +189,7 @@ def test_decode_gpu_is_honoured_on_a_cpu_when_the_views_are_left_to_auto(tmp_pat
 
 
 def test_spec_refuses_device_decode_where_it_cannot_apply(tmp_path):
-    with pytest.raises(SpecError, match="decode 'gpu' is for source 'imagefolder'"):
+    with pytest.raises(SpecError, match=r"decode 'gpu' is for sources of encoded images \(imagefolder, parquet\)"):
         parse_spec({"data": {"decode": "gpu"}})
     with pytest.raises(SpecError, match="augment.device 'gpu' or 'auto'"):
         parse_spec({"data": {"source": "imagefolder", "path": str(tmp_path), "decode": "gpu"},
@@ -165,7 +202,7 @@ def test_ray_rows_carry_jpeg_bytes_that_decode_as_ray_data_would(tmp_path):
     images Ray Data's own decode would have streamed."""
     from types import SimpleNamespace
 
-    from leoclr_core.distributed.data import IMAGE, decode_batch, jpeg_batch, keep_jpegs
+    from leoclr_core.distributed.data import IMAGE, decode_batch, image_name, jpeg_batch, keep_jpegs
 
     _folder(tmp_path / "imgs")
     (tmp_path / "imgs" / "e_cut.jpg").write_bytes(_cut_scan(_jpeg(_photo(30, 40, 10))))
@@ -190,3 +227,11 @@ def test_ray_rows_carry_jpeg_bytes_that_decode_as_ray_data_would(tmp_path):
     empty = keep_jpegs({"bytes": np.array([b"junk"], dtype=object), "path": np.array(["x.jpg"], dtype=object)},
                        SIZE, None)
     assert empty.num_rows == 0 and empty.schema == rows.schema  # concatenates with the others
+
+    # Parquet rows: the image column by name, no paths; a row is named by a digest of its bytes,
+    # the same name whether the task or the worker's decoder finds it broken.
+    reported.clear()
+    parquet = keep_jpegs({"jpeg": batch["bytes"]}, SIZE, counter, column="jpeg")
+    assert parquet["jpeg"].to_pylist() == rows["jpeg"].to_pylist() and set(parquet["path"].to_pylist()) == {""}
+    truncated = (tmp_path / "imgs" / "d_truncated.jpg").read_bytes()
+    assert reported == [image_name(truncated, "")] and reported[0].startswith("row sha1:")
