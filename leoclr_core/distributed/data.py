@@ -10,13 +10,12 @@ Pipeline of a pretrain job (built on the driver, executed afresh every epoch):
       -> randomize_block_order
       -> views: `map_batches` on CPU, at most `scaling.data_workers` at a time, as tasks (default) or
          an actor pool (`scaling.data_compute`), or nothing when the training workers augment on
-         their own GPU (`augment.device` gpu, or auto with GPUs)
+         their own device (`augment.device` gpu, or auto with GPUs or with `data.decode` gpu)
       -> streaming_split(num_workers, equal=True) -> `get_dataset_shard` in each worker
 
 When the training workers decode (`decodes_on_worker`: `data.decode` gpu, or auto with GPU
 workers that make the views), the baseline JPEGs of an image folder or Parquet source travel as
-their file bytes and
-each worker decodes its batch on its device as the in-process feed does
+their file bytes and each worker decodes its batch on its device as the in-process feed does
 (`jpeg.decode_resize_batch`: nvJPEG on CUDA): decoding, the costliest part of the input, leaves
 the CPUs.
 
