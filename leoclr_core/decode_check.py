@@ -17,7 +17,7 @@ Every decoded image is compared with the same batch decoded on an idle device.
     python -m leoclr_core.decode_check [--device cuda] [--rounds 10] [--batch 64] [--size 256]
         [--chain 200] [--json PATH]
 
-The chain (200 products of 4096 x 4096 in float16, some tens of milliseconds) must outlast the
+The chain (200 products of 4096 x 4096 in float16; its time is printed) must outlast the
 decode, or the fills run before the decoder writes and a race would go unseen. It prints one line
 per mode and a verdict, and exits 0 whenever it ran: it is a diagnosis, not a gate. On a CPU both
 modes are the same synchronous decode (the products shrink to 64 x 64) and come out clean.

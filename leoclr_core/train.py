@@ -97,13 +97,19 @@ def batched_views(spec: PretrainSpec, kinds: tuple[str, ...], runtime: Runtime,
                         compile=runtime.compile_views if compile is None else compile)
 
 
-def decodes_on_device(spec: PretrainSpec, runtime: Runtime) -> bool:
-    """The JPEGs of an image folder or Parquet source decoded on the training device (`data.decode`)
-    rather than in loader workers."""
+def device_decodes(spec: PretrainSpec, views_on_device: bool, gpu: bool) -> bool:
+    """The `data.decode` rule, for a training device that makes the views (`views_on_device`) and
+    is a GPU (`gpu`): JPEGs of an image folder or Parquet source are decoded there with gpu, or
+    with auto on a GPU. The in-process feed and Ray's workers each say how their device is set."""
     d = spec.data
-    if d.source not in ENCODED_SOURCES or d.decode == "cpu" or not augments_batched(spec, runtime):
+    if d.source not in ENCODED_SOURCES or d.decode == "cpu" or not views_on_device:
         return False
-    return wants_device_decode(spec) or runtime.device.type == "cuda"
+    return d.decode == "gpu" or gpu
+
+
+def decodes_on_device(spec: PretrainSpec, runtime: Runtime) -> bool:
+    """The in-process feed's JPEGs decoded on the training device rather than in loader workers."""
+    return device_decodes(spec, augments_batched(spec, runtime), runtime.device.type == "cuda")
 
 
 def resize_for_batching(data: DataSpec) -> int:

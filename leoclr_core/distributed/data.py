@@ -50,8 +50,9 @@ from ..data.parquet import cell_bytes, parquet_split_paths
 from ..engine import Runtime
 from ..methods import METHOD_REGISTRY, MomentumMethod
 from ..prefetch import Prefetcher
-from ..spec import ENCODED_SOURCES, PretrainSpec
-from ..train import Feed, batched_views, epoch_seed, job_source, resize_for_batching, wants_device_decode
+from ..spec import PretrainSpec
+from ..train import (Feed, batched_views, device_decodes, epoch_seed, job_source, resize_for_batching,
+                     wants_device_decode)
 from ..views import make_view_transform
 
 log = logging.getLogger(__name__)
@@ -84,10 +85,7 @@ def augment_on_worker(spec: PretrainSpec) -> bool:
 def decodes_on_worker(spec: PretrainSpec) -> bool:
     """JPEGs (of an image folder or Parquet source) streamed encoded and decoded by the training
     workers on their device."""
-    d = spec.data
-    if d.source not in ENCODED_SOURCES or d.decode == "cpu" or not augment_on_worker(spec):
-        return False
-    return wants_device_decode(spec) or spec.scaling.use_gpu
+    return device_decodes(spec, augment_on_worker(spec), spec.scaling.use_gpu)
 
 
 def is_uri(path: str) -> bool:
@@ -117,6 +115,11 @@ def image_name(data: bytes, path: Any) -> str:
     return str(path) if path else "row sha1:" + hashlib.sha1(data).hexdigest()[:16]
 
 
+def _paths(batch: dict[str, np.ndarray], column: str) -> Any:
+    """The batch's file paths, or None for each row of a source without them (Parquet)."""
+    return batch["path"] if "path" in batch else [None] * len(batch[column])
+
+
 def _decoded(data: bytes, path: Any, size: int, bad: list[str]) -> torch.Tensor | None:
     """uint8 (3, size, size), or None for an unreadable image, named in `bad` (`image_name`)."""
     try:
@@ -132,8 +135,7 @@ def decode_batch(batch: dict[str, np.ndarray], size: int, counter: Any | None,
                  column: str = "bytes") -> dict[str, np.ndarray]:
     """Bytes -> uint8 (N, size, size, 3); unreadable images are dropped and reported to `counter`."""
     images, bad = [], []
-    paths = batch["path"] if "path" in batch else [None] * len(batch[column])
-    for cell, path in zip(batch[column], paths):
+    for cell, path in zip(batch[column], _paths(batch, column)):
         image = _decoded(cell_bytes(cell), path, size, bad)
         if image is not None:
             images.append(image.permute(1, 2, 0).numpy())
@@ -151,7 +153,7 @@ def keep_jpegs(batch: dict[str, np.ndarray], size: int, counter: Any | None, col
     and reported to `counter`. `path` is the file's, or empty for a Parquet row. An explicit Arrow
     schema, so that an empty batch still concatenates."""
     blobs, is_jpeg, paths, bad = [], [], [], []
-    for cell, path in zip(batch[column], batch["path"] if "path" in batch else [None] * len(batch[column])):
+    for cell, path in zip(batch[column], _paths(batch, column)):
         data = cell_bytes(cell)
         if device_decodable(data):
             blobs.append(data)

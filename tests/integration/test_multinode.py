@@ -4,7 +4,6 @@ its views made by the workers from streamed images (the data flow GPU workers us
 
 from __future__ import annotations
 
-
 import pytest
 
 from leoclr_core.spec import parse_spec
