@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # One call on a bare GPU box: install the carried wheels (bench/fetch-wheels.sh), check for the
 # nvJPEG decode race (leoclr_core/decode_check.py), run the matrix (bench/gpu.sh), then,
-# while DEADLINE_S allows, two probes: the ResNet-50 views alone (each stage, and ours compiled)
-# and the compiled ResNet-50 LeOCLR row with JPEGs decoded by the loader workers instead of
-# nvJPEG (the A/B of where decoding belongs). Everything is packed
-# into $OUT/results.tgz with the matrix table beside it (the device tool brings back at most 8 files).
+# while DEADLINE_S allows, two probes: first the compiled ResNet-50 LeOCLR row with JPEGs decoded
+# by the loader workers instead of nvJPEG (the A/B of where decoding belongs), then the ResNet-50
+# views alone (each stage, and ours compiled; measured once before, so it goes last). Everything is
+# packed into $OUT/results.tgz with the matrix table beside it (the device tool brings back at most
+# 8 files).
 #   run: bash bench/device-run.sh      (carry: .whl; ends within DEADLINE_S plus the install and a probe's limit)
 # kornia against ours was measured on 2026-11-26 (docs/bench/h200-2026-11-26/); IMPLS adds it back.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 R="${OUT:?OUT must name the folder that comes back}"
-DEADLINE_S="${DEADLINE_S:-480}"  # no probe starts that could end past this many seconds
+DEADLINE_S="${DEADLINE_S:-520}"  # no probe starts that could end past this many seconds
 WORK=/tmp/leoclr-bench
 rm -rf "$WORK" && mkdir -p "$WORK/views" "$WORK/matrix" "$WORK/probe"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -39,13 +40,6 @@ cp "$WORK/matrix/table.md" "$R/" 2>/dev/null
 export TORCHINDUCTOR_FX_GRAPH_CACHE=1 TORCHINDUCTOR_AUTOGRAD_CACHE=1
 IMPL_ARGS=()
 for impl in ${IMPLS:-ours-fp16 ours-fp16-compiled}; do IMPL_ARGS+=(--impl "$impl"); done
-if (($(left) > 45)); then
-  timeout -k 5 $(($(left) > 60 ? 60 : $(left))) python3 -m leoclr_core.bench_views bench/r50-224.yaml \
-    --device cuda --jpeg "${IMPL_ARGS[@]}" --json "$WORK/views/views-r50.json" \
-    >"$WORK/views/views-r50.log" 2>&1
-  echo "views exit $? after ${SECONDS}s"
-  grep -h '^\[bench-views\]' "$WORK/views/views-r50.log" | cut -c1-200
-fi
 if (($(left) > 60)); then
   timeout -k 5 $(($(left) > 120 ? 120 : $(left))) python3 -m leoclr_core.bench bench/r50-224.yaml --device cuda \
     --data jpeg --decode workers --compile --steps 30 --warmup 8 --loader-workers "${LOADER_WORKERS:-12}" \
@@ -53,6 +47,13 @@ if (($(left) > 60)); then
     >"$WORK/probe/r50-leoclr-compiled-workers-decode.log" 2>&1
   echo "probe exit $? after ${SECONDS}s"
   grep -E '^\[bench|^\|' "$WORK/probe/r50-leoclr-compiled-workers-decode.log" | cut -c1-240
+fi
+if (($(left) > 45)); then
+  timeout -k 5 $(($(left) > 60 ? 60 : $(left))) python3 -m leoclr_core.bench_views bench/r50-224.yaml \
+    --device cuda --jpeg "${IMPL_ARGS[@]}" --json "$WORK/views/views-r50.json" \
+    >"$WORK/views/views-r50.log" 2>&1
+  echo "views exit $? after ${SECONDS}s"
+  grep -h '^\[bench-views\]' "$WORK/views/views-r50.log" | cut -c1-200
 fi
 tar czf "$R/results.tgz" -C "$WORK" .
 echo "done after ${SECONDS}s"
