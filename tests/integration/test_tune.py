@@ -66,18 +66,22 @@ def test_a_search_ranks_trials_stops_weak_ones_and_registers_the_best(ray_cluste
     children = c.search_runs([parent.info.experiment_id],
                              filter_string=f"tags.`mlflow.parentRunId` = '{run.run_id}'")
     assert sorted(r.data.tags["leoclr.trial"] for r in children) == [f"trial-{i:03d}" for i in range(4)]
-    assert all(r.info.status in ("FINISHED", "KILLED") for r in children)
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in children), \
+        [(r.data.tags["leoclr.trial"], r.info.status) for r in children]
     assert sorted(r.data.params["loss.temperature"] for r in children) == ["0.05", "0.05", "1.0", "1.0"]
 
     stopped = [r for r in run.table if r["stopped_early"]]
-    assert stopped and all(r["epochs"] < 3 for r in stopped)
-    assert any(r["trial"] in ("trial-002", "trial-003") and r["epochs"] == 1 for r in stopped)
+    assert stopped and all(r["epochs"] < 3 for r in stopped), run.table
+    # A trial at 1.0 is stopped at a rung, before its last epoch. Which rung (1 or 2) depends on
+    # the records ASHA holds when the trial reaches it, so it is not asserted. (This test failed
+    # once in a full run and never alone; the messages carry the table for the next time.)
+    assert any(r["trial"] in ("trial-002", "trial-003") for r in stopped), run.table
     by_trial = {r.data.tags["leoclr.trial"]: r for r in children}
     assert all(by_trial[r["trial"]].data.tags.get("leoclr.stopped_early") == "true" for r in stopped)
 
     finished = [r for r in run.table if not r["stopped_early"]]
     best = min(finished, key=lambda r: r["loss"])
-    assert run.best["trial"] == best["trial"] and run.table[0]["loss"] <= best["loss"]
+    assert run.best["trial"] == best["trial"] and run.table[0]["loss"] <= best["loss"], run.table
     mv = c.get_model_version_by_alias("search-best", "candidate")
     assert mv.run_id == best["mlflow_run_id"] == by_trial[best["trial"]].info.run_id
 
