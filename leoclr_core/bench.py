@@ -50,6 +50,12 @@ JPEG_QUALITY = 90
 _START = time.perf_counter()
 
 
+def restart_clock() -> None:
+    """Stamp later `log` lines from now: each run of a process that runs several (the matrix)."""
+    global _START
+    _START = time.perf_counter()
+
+
 def log(msg: str) -> None:
     """A progress line on stderr, stamped with the seconds since start (where a slow run's time went)."""
     print(f"[bench +{time.perf_counter() - _START:6.1f}s] {msg}", file=sys.stderr, flush=True)
@@ -483,6 +489,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SpecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    run_args(args, spec)
+    return 0
+
+
+def run_args(args: argparse.Namespace, spec: PretrainSpec) -> dict:
+    """Run the bench that checked `args` ask for on `spec`: print its table row, write its JSON."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     workers = spec.scaling.loader_workers if args.loader_workers is None else args.loader_workers
     record = run_bench(spec, device=device, steps=args.steps, warmup=args.warmup, data=args.data,
@@ -494,7 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(record, indent=2) + "\n")
         log(f"wrote {args.json}")
-    return 0
+    return record
 
 
 if __name__ == "__main__":
