@@ -8,7 +8,7 @@ import torch
 from leoclr_core.bench import main, markdown_table, summarise_trace
 from leoclr_core.data import SyntheticObjects
 from leoclr_core.data.jpeg import EncodedImages, collate_jpeg_or_pixels, decode_resize_batch
-from leoclr_core.spec import SyntheticSpec
+from leoclr_core.spec import SyntheticSpec, load_spec
 
 # torchvision 0.29 deprecates its JPEG codecs on every call; they are what the GPU box's 0.26 has.
 pytestmark = pytest.mark.filterwarnings("ignore:.*TorchCodec:DeprecationWarning")
@@ -178,3 +178,18 @@ def test_bad_override_exits_2_naming_the_field(spec_file, capsys):
 def test_missing_spec_file_exits_2(tmp_path, capsys):
     assert main([str(tmp_path / "nope.yaml"), "--device", "cpu"]) == 2
     assert "cannot read spec file" in capsys.readouterr().err
+
+
+def test_runs_in_one_process_render_a_data_spec_once(spec_file, monkeypatch):
+    """The matrix runs its rows in one process: rows with the same data spec share their images
+    instead of rendering them again; another spec (or count) gets its own."""
+    import leoclr_core.bench as bench
+
+    monkeypatch.setattr(bench, "_SOURCES", {})
+    spec = load_spec(spec_file)
+    first = bench.bench_images(spec, 16)
+    assert bench.bench_images(load_spec(spec_file, ["method=mocov2"]), 16) is first
+    other = bench.bench_images(load_spec(spec_file, ["data.seed=5"]), 16)
+    assert other is not first and not torch.equal(other[0][0], first[0][0])
+    assert len(bench.bench_images(spec, 8)) == 8
+    assert len(bench._SOURCES) == bench._KEPT  # the oldest was let go
