@@ -192,8 +192,8 @@ def random_views(method: MomentumMethod, runtime: Runtime, batch: int, size: int
 
 
 # Sources made in this process, by data spec and count: the rows of a matrix run in one process
-# share them (rendering the ResNet-50 rows' 1,024 scenes took 4.6 s a row on the H200 box). At most
-# _KEPT of them, the newest, so a long-lived process holds a bounded few.
+# share them (the ResNet-50 rows spent 4.6 s each preparing their 1,024 scenes on the H200 box,
+# most of it rendering). At most _KEPT of them, the newest, so a long-lived process holds a few.
 _SOURCES: dict[tuple[str, int], ImageSource] = {}
 _KEPT = 2
 
