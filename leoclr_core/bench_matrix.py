@@ -236,7 +236,8 @@ def run_matrix(opts: argparse.Namespace) -> int:
         if (out / f"{row.id}.json").exists():  # measured or recorded by an earlier process
             continue
         marker = out / f"{row.id}.plain"  # the default path failed in an earlier process
-        plain = opts.plain or marker.exists()
+        # A row asked for on the plain path already has nothing to fall back to.
+        plain = opts.plain or marker.exists() or (opts.prefetch == 0 and opts.compile_views == "off")
         outcome = attempt(row, plain)
         if outcome is None:
             say(f"=== {row.id}: skipped ({left():.0f}s of the {opts.budget:.0f}s budget left, needs {row.need_s:.0f}s)")

@@ -174,3 +174,14 @@ def test_bad_arguments_are_refused_naming_what_is_wrong(argv, message, capsys):
     assert bench_matrix.main(argv) == 2
     assert message in capsys.readouterr().err
 
+
+
+def test_a_row_asked_for_on_the_plain_path_is_not_tried_twice(tmp_path, monkeypatch):
+    fake = FakeBench(fail=lambda args: True)
+    monkeypatch.setattr(bench, "run_args", fake)
+
+    argv = ["--out", str(tmp_path), "--device", "cpu", "--only", EAGER[0],
+            "--prefetch", "0", "--compile-views", "off"]
+    assert bench_matrix.main(argv) == 0
+
+    assert len(fake.calls) == 1 and records(tmp_path)[EAGER[0]]["error"] == f"failed, see {EAGER[0]}.log"
