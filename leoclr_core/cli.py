@@ -403,10 +403,32 @@ class JobView:
 
 
 def _follow(client: Any, job: dict) -> dict:
-    """Follow a job to its end; Ctrl-C cancels it (and waits for Ray to stop it)."""
+    """Follow a job to its end; Ctrl-C cancels it over REST and exits 130.
+
+    Ctrl-C also sets a flag that every poll checks. Python drops a KeyboardInterrupt that lands
+    while a finaliser (a `__del__`, a weakref callback) runs, and a Ctrl-C lost that way would leave
+    `make run` following a job it was asked to stop."""
+    import signal
+    import threading
+
+    interrupted = threading.Event()
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        interrupted.set()
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not the main thread: Python's own handler stays
+        previous = None
     try:
         with JobView() as view:
-            return client.wait(job["id"], on_update=view.update)
+            def update(current: dict) -> None:
+                if interrupted.is_set():
+                    raise KeyboardInterrupt
+                view.update(current)
+
+            return client.wait(job["id"], on_update=update)
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted: cancelling job {job['id']}[/yellow]")
         try:
@@ -414,6 +436,9 @@ def _follow(client: Any, job: dict) -> dict:
         except Exception as exc:  # noqa: BLE001 - already finished, or the API went away
             console.print(f"cancel: {exc}")
         raise typer.Exit(130) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _report(job: dict) -> None:

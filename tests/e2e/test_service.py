@@ -177,7 +177,14 @@ def test_submit_serve_runs_a_job_and_ctrl_c_stops_everything(tmp_path):
     assert proc.poll() is None, "".join(lines)
     head = json.loads((tmp_path / "data" / "ray-head.json").read_text())["pid"]
     proc.send_signal(signal.SIGINT)
-    rest, _ = proc.communicate(timeout=180)
+    try:
+        rest, _ = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:  # say what it printed, and leave no cluster to the next tests
+        proc.kill()
+        rest, _ = proc.communicate()
+        os.killpg(head, signal.SIGKILL)
+        pytest.fail("Ctrl-C did not stop `leoclr submit --serve` within 180 s; it printed:\n"
+                    + ("".join(lines) + rest)[-6000:])
     out = "".join(lines) + rest
     assert proc.returncode == 130, out
     assert "cancelling job" in out

@@ -65,3 +65,45 @@ def test_run_job_needs_its_spec_in_the_environment(monkeypatch):
     monkeypatch.setenv("LEOCLR_JOB_SPEC", '{"kind": "pretrain", "optim": {"lr": -1}}')
     result = runner.invoke(app, ["run-job"])
     assert result.exit_code == 2 and "optim.lr" in result.output
+
+
+class _Job:
+    """A fake API client following one job: on its second poll a Ctrl-C arrives where Python drops
+    the KeyboardInterrupt (as it does inside a finaliser)."""
+
+    url = "http://127.0.0.1:1"
+
+    def __init__(self):
+        self.polls, self.cancelled = 0, []
+
+    def wait(self, job_id, on_update):
+        import signal
+
+        while self.polls < 20:
+            self.polls += 1
+            if self.polls == 2:
+                try:
+                    signal.raise_signal(signal.SIGINT)
+                except KeyboardInterrupt:
+                    pass  # lost here
+            on_update({"id": job_id, "status": "running", "progress": {}})
+        return {"id": job_id, "status": "succeeded"}
+
+    def cancel(self, job_id):
+        self.cancelled.append(job_id)
+
+
+def test_a_ctrl_c_that_python_drops_still_cancels_the_followed_job():
+    import signal
+
+    import pytest
+    import typer
+
+    from leoclr_core.cli import _follow
+
+    client, before = _Job(), signal.getsignal(signal.SIGINT)
+    with pytest.raises(typer.Exit) as stopped:
+        _follow(client, {"id": "job-1"})
+    assert stopped.value.exit_code == 130
+    assert client.cancelled == ["job-1"] and client.polls == 2  # stopped at the next poll
+    assert signal.getsignal(signal.SIGINT) is before  # the handler is put back
