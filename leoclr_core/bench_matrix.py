@@ -178,7 +178,8 @@ def release(device: str) -> None:
 
 def run_row(row: Row, opts: argparse.Namespace, plain: bool, log_path: Path) -> str:
     """Run one row in this process: "ok", "refused" (its arguments or spec) or "failed"."""
-    args = bench.parse_args(bench_argv(row, opts, plain))
+    argv = bench_argv(row, opts, plain)
+    args = bench.parse_args(argv)
     problem = bench.check_args(args)
     try:
         spec = bench.load_bench_spec(args) if problem is None else None
@@ -189,7 +190,7 @@ def run_row(row: Row, opts: argparse.Namespace, plain: bool, log_path: Path) -> 
         return "refused"
     bench.restart_clock()
     with teed(log_path):
-        print(f"=== {row.id}: python -m leoclr_core.bench {' '.join(bench_argv(row, opts, plain))}", file=sys.stderr)
+        print(f"=== {row.id}: python -m leoclr_core.bench {' '.join(argv)}", file=sys.stderr)
         try:
             bench.run_args(args, spec)
             return "ok"
@@ -237,7 +238,7 @@ def run_matrix(opts: argparse.Namespace) -> int:
             continue
         marker = out / f"{row.id}.plain"  # the default path failed in an earlier process
         # A row asked for on the plain path already has nothing to fall back to.
-        plain = opts.plain or marker.exists() or (opts.prefetch == 0 and opts.compile_views == "off")
+        plain = marker.exists() or (opts.prefetch == 0 and opts.compile_views == "off")
         outcome = attempt(row, plain)
         if outcome is None:
             say(f"=== {row.id}: skipped ({left():.0f}s of the {opts.budget:.0f}s budget left, needs {row.need_s:.0f}s)")
@@ -273,7 +274,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--loader-workers", type=int, default=None, help="default: each spec's scaling.loader_workers")
     p.add_argument("--prefetch", type=int, default=2, help="batches made ahead on a side stream (0: inline)")
     p.add_argument("--compile-views", choices=("auto", "on", "off"), default="auto")
-    p.add_argument("--plain", action="store_true", help="the plain input path for every row")
     p.add_argument("--only", nargs="+", default=None, metavar="ID", help="these rows only")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V",
                    help="a spec override for every row (a smaller model to try the matrix on a CPU)")
