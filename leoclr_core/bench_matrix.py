@@ -40,6 +40,7 @@ import contextlib
 import gc
 import json
 import math
+import multiprocessing
 import os
 import sys
 import threading
@@ -168,6 +169,22 @@ def watchdog(seconds: float, on_timeout: Callable[[], None]) -> Iterator[None]:
         timer.cancel()
 
 
+def leftovers(device: str) -> str:
+    """What the process holds as a row starts (what earlier rows may have left behind): a row run
+    after others should start from what a fresh process has, give or take the imports."""
+    held = f", device memory {torch.cuda.memory_allocated() / 2**30:.2f} GiB" if device == "cuda" else ""
+    return (f"{threading.active_count()} threads, {_children()} child processes, "
+            f"{len(gc.get_objects()):,} Python objects{held}")
+
+
+def _children() -> int:
+    """Live child processes: loader workers (multiprocessing) and compile workers (subprocess) alike."""
+    try:  # Linux: each thread's children, as the kernel lists them
+        return sum(len(t.read_text().split()) for t in Path("/proc/self/task").glob("*/children"))
+    except OSError:
+        return len(multiprocessing.active_children())
+
+
 def release(device: str) -> None:
     """What one row leaves behind, freed before the next: its memory and its compiled graphs."""
     gc.collect()
@@ -226,7 +243,8 @@ def run_matrix(opts: argparse.Namespace) -> int:
             os._exit(TIMED_OUT)
 
         say(f"=== {row.id}: {row.config} {row.method} compile={str(row.compiled).lower()} data={row.data}"
-            f"{' (plain path)' if plain else ''} (limit {limit:.0f}s, {left():.0f}s of the budget left)")
+            f"{' (plain path)' if plain else ''} (limit {limit:.0f}s, {left():.0f}s of the budget left)"
+            f"; holding {leftovers(opts.device)}")
         t0 = time.perf_counter()
         with watchdog(limit, timed_out):
             outcome = run_row(row, opts, plain, out / f"{row.id}.log")
