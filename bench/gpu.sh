@@ -5,10 +5,12 @@
 #   ResNet-18 CIFAR stem 32 px, batch 512, raw synthetic pixels (bench/r18-cifar.yaml)
 #   x LeOCLR / MoCo-v2 (asymmetric) x eager / torch.compile = 8 rows
 #
-# The rows, their order and their limits are in leoclr_core/bench_matrix.py, which runs them in
-# one process (on an H200 a process per row cost 8-13 s a row outside the measurements). A row
-# that no longer fits the time budget (BENCH_BUDGET_S, default 330 s) is recorded as skipped, so
-# the script always ends in time with a table. A row that fails on the default input path (views
+# The rows, their order and their limits are in leoclr_core/bench_matrix.py, which runs the rows
+# of each config in one process: the ResNet-50 rows, then the ResNet-18 rows in a new one (on an
+# H200 a process per row cost 8-13 s a row outside the measurements, and one process for all
+# rows slowed the launch-bound ResNet-18 rows that ran after the ResNet-50 ones). A row that no
+# longer fits the time budget (BENCH_BUDGET_S, default 330 s) is recorded as skipped, so the
+# script always ends in time with a table. A row that fails on the default input path (views
 # made 2 batches ahead on a side stream, compiled views with a compiled model) is measured again
 # on the plain one, in a new process, and its record says so; so is any row after a failure or a
 # timeout. Needs only torch, torchvision, numpy, pillow, pyyaml and pydantic (on PYTHONPATH is
@@ -16,7 +18,7 @@
 #
 #   OUT=/some/dir bash bench/gpu.sh      # results: $OUT/NN-*.json, NN-*.log, table.md
 #   PREFETCH=0 COMPILE_VIEWS=off ...     # the plain input path for every row
-#   MATRIX_PROCESSES=per-row ...         # a process per row, as before (to compare the two)
+#   MATRIX_PROCESSES=per-row|one ...     # a process per row, or one for all rows (to compare)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,8 +38,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 ARGS=(--out "$OUT" --budget "$BUDGET_S" --started "$START" --device cuda --loader-workers "$WORKERS"
       --prefetch "${PREFETCH:-2}" --compile-views "${COMPILE_VIEWS:-auto}")
 
-# matrix [--only ID]: run until every row asked for has a record. Exit 75 (a failure on the GPU)
-# and 124 (a row past its limit) mean "run again to go on"; the rows with a record are not rerun.
+# matrix [--only ID]: run until every row asked for has a record. Exit 75 (a failure on the GPU,
+# or the next config's rows) and 124 (a row past its limit) mean "run again to go on"; the rows
+# with a record are not rerun.
 matrix() {
   local rc tries=0
   while :; do
@@ -50,13 +53,13 @@ matrix() {
   return $rc
 }
 
-if [[ ${MATRIX_PROCESSES:-one} == per-row ]]; then
-  for id in $("$PY" -m leoclr_core.bench_matrix --list); do matrix --only "$id"; done
-else
-  matrix
-fi
+case "${MATRIX_PROCESSES:-per-config}" in
+  per-row) for id in $("$PY" -m leoclr_core.bench_matrix --list); do matrix --only "$id"; done ;;
+  per-config | one) matrix --processes "${MATRIX_PROCESSES:-per-config}" ;;
+  *) echo "MATRIX_PROCESSES must be per-config, one or per-row, not '$MATRIX_PROCESSES'" >&2; exit 2 ;;
+esac
 
 "$PY" -m leoclr_core.bench --table "$OUT" --out "$OUT/table.md" >/dev/null
 echo "" >>"$OUT/table.md"
-echo "Total wall time: $(($(date +%s) - START)) s (budget ${BUDGET_S} s), loader workers ${WORKERS}, prefetch ${PREFETCH:-2}, compiled views ${COMPILE_VIEWS:-auto}, processes ${MATRIX_PROCESSES:-one}." >>"$OUT/table.md"
+echo "Total wall time: $(($(date +%s) - START)) s (budget ${BUDGET_S} s), loader workers ${WORKERS}, prefetch ${PREFETCH:-2}, compiled views ${COMPILE_VIEWS:-auto}, processes ${MATRIX_PROCESSES:-per-config}." >>"$OUT/table.md"
 cat "$OUT/table.md"

@@ -4,15 +4,27 @@ The rows: ResNet-50 at 224 px, batch 256, with JPEG input (bench/r50-224.yaml), 
 the CIFAR stem at 32 px, batch 512, on raw pixels (bench/r18-cifar.yaml). Each runs LeOCLR and
 MoCo-v2 (asymmetric), eager and compiled. `bench/gpu.sh` is the wrapper to call.
 
-Why one process: on an H200 each row run as its own process cost 8-13 s outside its measured
+Why few processes: on an H200 each row run as its own process cost 8-13 s outside its measured
 phases (Python and torch imports, CUDA start-up, worker and compiler-pool shutdown). Eight rows
 pay that eight times, out of a 6-minute budget. Between rows the process frees the device memory
-and resets torch.compile's in-memory caches. So each compiled row compiles as it would in its own
+and resets torch.compile's in-memory caches, so each compiled row compiles as it would in its own
 process: the on-disk inductor cache is the only thing that carries over, as it did before.
 
+Why not one: what a ResNet-50 row leaves in the process slows the ResNet-18 rows after it. Their
+steps are 15-20 ms long and bound by the host launching kernels. Side by side on one H200
+(docs/bench/h200-2026-11-27-one-process/), the compiled ResNet-18 LeOCLR row ran at 37,889
+instances/s compute-only in a process of its own, 35,739 after an eager ResNet-18 row, 32,956
+after an eager ResNet-50 row, and 29,211 after a compiled ResNet-50 row (which left 3 times the
+Python objects and a compile-worker pool). So on a GPU the rows of each config share a process
+(`--processes per-config`, the default there): the ResNet-50 rows, then the ResNet-18 rows in a
+new one. The ResNet-50 steps are bound by the device, and rows before them did not change their
+rates.
+
 How rows run:
-- In order: eager first, then compiled. A row that no longer fits the budget is recorded as
-  skipped.
+- In order: the ResNet-50 rows (the goals about the input path), then the ResNet-18 rows; in each,
+  eager first, then compiled. A row that no longer fits the budget is recorded as skipped.
+- On a GPU, before the first row of another config the process exits with 75, and the next
+  process runs that config's rows.
 - A row has its own time limit. Past it, the row is recorded as timed out and the process exits
   with 124.
 - A row that fails on the default input path (views made ahead on a side stream, compiled views
@@ -24,11 +36,13 @@ How rows run:
 
     python -m leoclr_core.bench_matrix --out DIR [--budget S] [--started EPOCH_S] [--device cuda|cpu]
         [--loader-workers K] [--prefetch N] [--compile-views auto|on|off] [--only ID ...]
+        [--processes auto|per-config|one]
         [--set K=V ...] [--steps N] [--warmup W] [--max-images M] [--limit S] [--list]
 
 Exit status:
 - 0: every row asked for has a record (measured, failed, skipped or timed out).
-- 75: the process stopped after a failure on a GPU; run again to go on.
+- 75: the process stopped after a failure on a GPU, or before another config's rows; run again
+  to go on.
 - 124: a row ran past its limit; it has a record; run again to go on.
 - 2: bad arguments.
 """
@@ -83,17 +97,16 @@ class Row:
 # so the record says where the end-to-end phase loses time.
 _R50 = ("--max-images", "1024")
 ROWS: tuple[Row, ...] = (
-    Row("05-r18-leoclr-eager", R18, "leoclr", False, "synthetic", 60, 5, 30, 90),
-    Row("07-r18-mocov2-eager", R18, "mocov2", False, "synthetic", 60, 5, 30, 90),
     Row("01-r50-leoclr-eager", R50, "leoclr", False, "jpeg", 30, 5, 45, 120, (*_R50, "--profile", "4")),
     Row("03-r50-mocov2-eager", R50, "mocov2", False, "jpeg", 30, 5, 45, 120, _R50),
-    # The compiled LeOCLR rows first (the figures the goals are about); MoCo-v2's then reuse their
-    # query-encoder graphs from the on-disk cache.
+    # The compiled LeOCLR row first (the figures the goals are about); MoCo-v2's then reuses its
+    # query-encoder graphs from the on-disk cache. Needs from the H200 runs of 2026-11-27: 04 about
+    # 70 s (a 43-46 s compile), 08 26-36 s. A row that starts and overruns is recorded as timed out.
     Row("02-r50-leoclr-compiled", R50, "leoclr", True, "jpeg", 30, 8, 90, 240, (*_R50, "--profile", "4")),
-    Row("06-r18-leoclr-compiled", R18, "leoclr", True, "synthetic", 60, 8, 60, 150),
-    # Needs from the H200 run of 2026-11-27 (their compiles find the LeOCLR graphs cached): 04 about
-    # 70 s (a 46 s compile), 08 36 s. A row that starts and overruns is recorded as timed out.
     Row("04-r50-mocov2-compiled", R50, "mocov2", True, "jpeg", 30, 8, 75, 240, _R50),
+    Row("05-r18-leoclr-eager", R18, "leoclr", False, "synthetic", 60, 5, 30, 90),
+    Row("07-r18-mocov2-eager", R18, "mocov2", False, "synthetic", 60, 5, 30, 90),
+    Row("06-r18-leoclr-compiled", R18, "leoclr", True, "synthetic", 60, 8, 60, 150),
     Row("08-r18-mocov2-compiled", R18, "mocov2", True, "synthetic", 60, 8, 45, 150),
 )
 
@@ -251,13 +264,20 @@ def run_matrix(opts: argparse.Namespace) -> int:
         say(f"=== {row.id}: {outcome} after {time.perf_counter() - t0:.0f}s")
         return outcome
 
+    per_config = opts.processes == "per-config" or (opts.processes == "auto" and opts.device == "cuda")
+    config_run = None  # the config of the rows this process has run
     for row in rows:
         if (out / f"{row.id}.json").exists():  # measured or recorded by an earlier process
             continue
+        if per_config and config_run not in (None, row.spec) and left() >= row.need_s:
+            say(f"=== {row.id}: the {row.config} rows run in a new process")
+            return RESTART
         marker = out / f"{row.id}.plain"  # the default path failed in an earlier process
         # A row asked for on the plain path already has nothing to fall back to.
         plain = marker.exists() or (opts.prefetch == 0 and opts.compile_views == "off")
         outcome = attempt(row, plain)
+        if outcome is not None:
+            config_run = row.spec
         if outcome is None:
             say(f"=== {row.id}: skipped ({left():.0f}s of the {opts.budget:.0f}s budget left, needs {row.need_s:.0f}s)")
             record(out, row, "skipped: time budget")
@@ -293,6 +313,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--prefetch", type=int, default=2, help="batches made ahead on a side stream (0: inline)")
     p.add_argument("--compile-views", choices=("auto", "on", "off"), default="auto")
     p.add_argument("--only", nargs="+", default=None, metavar="ID", help="these rows only")
+    p.add_argument("--processes", choices=("auto", "per-config", "one"), default="auto",
+                   help="per-config: exit 75 before another config's rows, for a new process to run them "
+                        "(auto: per-config on a GPU, one on a CPU)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V",
                    help="a spec override for every row (a smaller model to try the matrix on a CPU)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per phase, every row")

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--set", "model.backbone=tiny", "--set", "data.image_size=16", "--set", "optim.batch_size=8",
         "--set", "loss.queue_size=64", "--set", "data.synthetic.source_size=40",
         "--steps", "2", "--warmup", "1", "--max-images", "16", "--loader-workers", "0"]
-EAGER = ["05-r18-leoclr-eager", "07-r18-mocov2-eager", "01-r50-leoclr-eager"]
+EAGER = ["01-r50-leoclr-eager", "05-r18-leoclr-eager", "07-r18-mocov2-eager"]  # in run order
+R18_EAGER = EAGER[1:]
 
 
 @pytest.fixture(autouse=True)
@@ -66,13 +67,13 @@ def test_the_matrix_measures_its_rows_in_one_process_and_they_tabulate(tmp_path)
 def test_rows_that_have_a_record_are_not_run_again(tmp_path, monkeypatch):
     fake = FakeBench()
     monkeypatch.setattr(bench, "run_args", fake)
-    kept = '{"config": "r18-cifar", "method": "leoclr", "error": "timed out after 90s"}'
-    (tmp_path / "05-r18-leoclr-eager.json").write_text(kept)
+    kept = '{"config": "r50-224", "method": "leoclr", "error": "timed out after 120s"}'
+    (tmp_path / f"{EAGER[0]}.json").write_text(kept)
 
     assert bench_matrix.main(["--out", str(tmp_path), "--device", "cpu", "--only", *EAGER]) == 0
 
     assert [a.json.stem for a in fake.calls] == EAGER[1:]
-    assert (tmp_path / "05-r18-leoclr-eager.json").read_text() == kept
+    assert (tmp_path / f"{EAGER[0]}.json").read_text() == kept
 
 
 def test_a_row_the_budget_no_longer_fits_is_recorded_as_skipped(tmp_path, monkeypatch):
@@ -113,23 +114,72 @@ def test_a_row_failing_on_both_paths_keeps_its_place_and_the_rest_run(tmp_path, 
     assert all("error" not in got[i] for i in EAGER[1:])
 
 
+def fake_gpu(monkeypatch) -> None:
+    monkeypatch.setattr(bench, "check_args", lambda args: None)
+    monkeypatch.setattr(bench_matrix, "check", lambda opts: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 0)
+
+
 def test_on_a_gpu_a_failed_row_ends_the_process_and_the_next_one_measures_it_plainly(tmp_path, monkeypatch):
     # A CUDA error can leave the process unable to use the device: the retry needs a new process.
     fake = FakeBench(fail=lambda args: args.prefetch != 0)
     monkeypatch.setattr(bench, "run_args", fake)
-    monkeypatch.setattr(bench, "check_args", lambda args: None)
-    monkeypatch.setattr(bench_matrix, "check", lambda opts: None)
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    argv = ["--out", str(tmp_path), "--device", "cuda", "--only", *EAGER[:2]]
+    fake_gpu(monkeypatch)
+    argv = ["--out", str(tmp_path), "--device", "cuda", "--only", *R18_EAGER]
 
     assert bench_matrix.main(argv) == bench_matrix.RESTART
-    assert records(tmp_path) == {} and (tmp_path / f"{EAGER[0]}.plain").exists()
+    assert records(tmp_path) == {} and (tmp_path / f"{R18_EAGER[0]}.plain").exists()
     assert bench_matrix.main(argv) == bench_matrix.RESTART  # the second row fails the same way
     assert bench_matrix.main(argv) == 0
 
     assert [(a.json.stem, a.prefetch) for a in fake.calls] == [
-        (EAGER[0], 2), (EAGER[0], 0), (EAGER[1], 2), (EAGER[1], 0)]
+        (R18_EAGER[0], 2), (R18_EAGER[0], 0), (R18_EAGER[1], 2), (R18_EAGER[1], 0)]
     assert all("error" not in r for r in records(tmp_path).values())
+
+
+def test_on_a_gpu_the_rows_of_each_config_share_a_process_of_their_own(tmp_path, monkeypatch):
+    # A ResNet-50 row left enough behind to slow the launch-bound ResNet-18 rows run after it.
+    fake = FakeBench()
+    monkeypatch.setattr(bench, "run_args", fake)
+    fake_gpu(monkeypatch)
+    rows = ["01-r50-leoclr-eager", "03-r50-mocov2-eager", "05-r18-leoclr-eager", "07-r18-mocov2-eager"]
+    argv = ["--out", str(tmp_path), "--device", "cuda", "--only", *rows]
+
+    assert bench_matrix.main(argv) == bench_matrix.RESTART
+    assert sorted(records(tmp_path)) == rows[:2]
+    assert bench_matrix.main(argv) == 0
+    assert [a.json.stem for a in fake.calls] == rows and sorted(records(tmp_path)) == rows
+
+
+def test_one_process_for_every_row_when_asked(tmp_path, monkeypatch):
+    fake = FakeBench()
+    monkeypatch.setattr(bench, "run_args", fake)
+    fake_gpu(monkeypatch)
+
+    argv = ["--out", str(tmp_path), "--device", "cuda", "--processes", "one", "--only", *EAGER]
+    assert bench_matrix.main(argv) == 0
+    assert [a.json.stem for a in fake.calls] == EAGER
+
+
+def test_no_new_process_for_a_config_whose_rows_no_longer_fit(tmp_path, monkeypatch):
+    import time
+
+    now = time.time()
+    fake = FakeBench()
+
+    def slow_row(args, spec):  # the ResNet-50 row takes 80 s of a 100 s budget
+        monkeypatch.setattr(time, "time", lambda: now + 80)
+        return fake(args, spec)
+
+    monkeypatch.setattr(bench, "run_args", slow_row)
+    fake_gpu(monkeypatch)
+    argv = ["--out", str(tmp_path), "--device", "cuda", "--budget", "100", "--started", str(now), "--only", *EAGER]
+
+    assert bench_matrix.main(argv) == 0  # not 75: a new process would only record them as skipped
+    assert [a.json.stem for a in fake.calls] == EAGER[:1]
+    assert {k: r.get("error") for k, r in records(tmp_path).items()} == {
+        EAGER[0]: None, **dict.fromkeys(R18_EAGER, "skipped: time budget")}
 
 
 def test_each_row_compiles_as_in_a_process_of_its_own(tmp_path, monkeypatch):
@@ -161,7 +211,7 @@ def test_a_row_past_its_limit_is_recorded_and_the_process_exits_124(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
 
     assert done.returncode == bench_matrix.TIMED_OUT, done.stderr
-    assert records(tmp_path) == {EAGER[0]: {"config": "r18-cifar", "method": "leoclr", "compile": False,
+    assert records(tmp_path) == {EAGER[0]: {"config": "r50-224", "method": "leoclr", "compile": False,
                                             "error": "timed out after 1s"}}
 
 
