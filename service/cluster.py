@@ -69,6 +69,21 @@ def _ray_env() -> dict[str, str]:
     return {**os.environ, "RAY_AUTH_MODE": "token"}
 
 
+def ensure_auth_token(ray: str) -> None:
+    """Make sure the token the head and its clients share exists. `ray start` with token auth
+    refuses to start without one, where `ray.init` makes its own: on a machine where nothing has
+    run Ray yet, the embedded head would not start. Ray's own CLI creates it (~/.ray/auth_token,
+    unless RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH name one), and only if none exists."""
+    default = Path.home() / ".ray" / "auth_token"
+    had = default.exists()
+    done = subprocess.run([ray, "get-auth-token", "--generate"], env=_ray_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, timeout=120)
+    if done.returncode != 0:  # the token is a secret: stdout, which prints it, is never kept
+        raise RuntimeError(f"could not create Ray's authentication token: {done.stderr.strip()[-500:]}")
+    if not had and default.exists():  # made here: readable by this user only, like the API token
+        default.chmod(0o600)
+
+
 def ensure_head(data_dir: Path, num_cpus: int | None = None, timeout: float = 120.0) -> EmbeddedHead:
     """The recorded head if it still answers, else a new one."""
     record = data_dir / "ray-head.json"
@@ -90,6 +105,7 @@ def ensure_head(data_dir: Path, num_cpus: int | None = None, timeout: float = 12
            f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
            "--disable-usage-stats", f"--num-cpus={num_cpus or os.cpu_count() or 1}"]
     data_dir.mkdir(parents=True, exist_ok=True)
+    ensure_auth_token(ray)
     logf = open(data_dir / "ray-head.log", "ab")
     proc = subprocess.Popen(cmd, env=_ray_env(), stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
     head = EmbeddedHead(proc.pid, f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}")

@@ -458,3 +458,23 @@ def test_a_tune_job_may_not_search_its_way_out_of_the_data_roots(make_client, tm
                                           "path": str(tmp_path / "datasets" / "ok")}}}
         r = c.post("/v1/jobs", json=spec, headers=AUTH)
         assert r.status_code == 422 and "space.data.path" in r.json()["detail"], r.text
+
+
+def test_the_embedded_head_gets_an_auth_token_on_a_machine_where_ray_never_ran(tmp_path, monkeypatch):
+    # `ray start` with token auth refuses to start without one (ray.init would make its own), so
+    # `make run` on a fresh machine failed before any test had run Ray there.
+    from pathlib import Path
+
+    from service.cluster import ensure_auth_token
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    ray = str(Path(sys.executable).with_name("ray"))
+    token = tmp_path / ".ray" / "auth_token"
+
+    ensure_auth_token(ray)
+    first = token.read_text().strip()
+    assert len(first) >= 32 and token.stat().st_mode & 0o777 == 0o600
+    ensure_auth_token(ray)  # an existing token is kept: the running head and its clients share it
+    assert token.read_text().strip() == first
