@@ -8,7 +8,7 @@ import pytest
 def _isolated_environment(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("LEOCLR_DATA_DIR", str(tmp_path_factory.mktemp("leoclr-data")))
-    for var in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "LEOCLR_STORAGE_PATH"):
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "RAY_ADDRESS", "LEOCLR_STORAGE_PATH"):
         mp.delenv(var, raising=False)
     yield
     mp.undo()

@@ -11,11 +11,12 @@ from typing import Any
 
 import httpx
 
-# Variables of the developer's shell that would point a test's processes at something else, and
+# Variables of the developer's shell (or of an earlier test: mlflow.set_tracking_uri and
+# set_registry_uri export theirs) that would point a test's processes at something else, and
 # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER, which leoclr_core.distributed sets to 0 in a process talking to
 # a loopback cluster and which, inherited by `ray start --address`, makes Ray refuse to add a node.
-OUTSIDE = ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "LEOCLR_RAY_JOBS_ADDRESS", "LEOCLR_API_URL", "LEOCLR_STORAGE_PATH",
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+OUTSIDE = ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "LEOCLR_RAY_JOBS_ADDRESS", "LEOCLR_API_URL",
+           "LEOCLR_STORAGE_PATH", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
 
 
 def free_ports(n: int = 1) -> list[int]:

@@ -4,6 +4,9 @@ its views made by the workers from streamed images (the data flow GPU workers us
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 
 from leoclr_core.spec import parse_spec
@@ -18,7 +21,11 @@ def two_nodes():
     from ray.cluster_utils import Cluster
 
     from leoclr_core.distributed.session import connect
+    from service.cluster import ensure_auth_token
 
+    # Cluster starts its nodes as `ray start` does, which with token auth needs the token to exist
+    # (ray.init makes its own; this fixture may be the first Ray on a fresh machine).
+    ensure_auth_token(str(Path(sys.executable).with_name("ray")))
     cluster = Cluster(initialize_head=True, connect=False,
                       head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1", "include_dashboard": False})
     cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
