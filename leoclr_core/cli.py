@@ -152,7 +152,7 @@ def _pretrain(spec: PretrainSpec, out: Path, local: bool = False, device: Option
 
         try:
             state = _run_with_progress(lambda cb: run(spec, device=device, callbacks=cb, out_dir=out))
-        except (ValueError, FileNotFoundError) as exc:
+        except (ValueError, FileNotFoundError, FloatingPointError) as exc:  # FloatingPointError: diverged
             _fail(exc)
         final = state.final
     else:

@@ -7,8 +7,9 @@ trainer, the progress display, and, after `fit`, the run folder (`encoder.pt`, `
 happen, checkpoints through `ray.train.report` every `checkpoint.every` epochs.
 
 Fault tolerance is Ray Train's: a dead worker fails the worker group, which restarts (up to
-`checkpoint.max_failures` times) from the newest reported checkpoint. Re-running a job with
-the same name and storage path resumes it (Ray Train v2).
+`checkpoint.max_failures` times) from the newest reported checkpoint. A loss that stops being
+finite is not retried: the workers end, and the driver raises FloatingPointError naming the step.
+Re-running a job with the same name and storage path resumes it (Ray Train v2).
 """
 
 from __future__ import annotations
@@ -158,8 +159,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def feed(s: PretrainSpec, method: MomentumMethod, runtime: Runtime) -> RayFeed:
         return RayFeed(s, method, runtime, config["num_images"], config.get("counter"))
 
-    pretrain(spec, device=ray.train.torch.get_device(), callbacks=AllCallbacks(*callbacks), feed=feed,
-             store=RayTrainStore(on_saved), write_outputs=False)
+    try:
+        pretrain(spec, device=ray.train.torch.get_device(), callbacks=AllCallbacks(*callbacks), feed=feed,
+                 store=RayTrainStore(on_saved), write_outputs=False)
+    except FloatingPointError as exc:
+        # A diverged run is not a worker failure: restarted from its last checkpoint, it would replay
+        # the same steps into the same NaN, checkpoint.max_failures times. The loss is all-reduced,
+        # so every worker stops here at the same step; they end normally and the driver raises.
+        if rank == 0:
+            ray.get(config["progress"].push.remote({"type": "diverged", "error": str(exc)}))
 
 
 # ---------------------------------------------------------------- the driver
@@ -205,12 +213,16 @@ class _Follower:
         self.nodes: list[str] = []  # node id of each worker, by rank
         self.resumed_from: list[int] = []  # the epoch each worker-group restart resumed at
         self.last_epoch = 0
+        self.diverged: str | None = None  # the error of a run whose loss stopped being finite
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="leoclr-progress", daemon=True)
 
     def _handle(self, r: dict[str, Any]) -> None:
         if r["type"] == "placement":
             self.nodes = r["nodes"]
+            return
+        if r["type"] == "diverged":
+            self.diverged = r["error"]
             return
         if r["type"] == "start":
             if self.state is None:
@@ -335,6 +347,8 @@ def run_pretrain(
         )
         with _Follower(progress, cb, out) as follower:
             result = trainer.fit()
+        if follower.diverged:
+            raise FloatingPointError(follower.diverged)
         if result.checkpoint is None:
             raise RuntimeError(f"run {run_name} reported no checkpoint; nothing to export")
         with result.checkpoint.as_directory() as d:

@@ -4,7 +4,9 @@ then an evaluate job on Ray from the registry; then a worker killed in the middl
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -177,6 +179,26 @@ def test_a_killed_worker_does_not_lose_the_run(ray_cluster, tmp_path):
     assert epochs == [1, 2, 3, 4, 5, 6]
     history = _mlflow().get_metric_history(summary["mlflow_run_id"], "epoch/loss")
     assert {m.step for m in history} == {1, 2, 3, 4, 5, 6}
+
+
+def test_a_diverged_run_fails_at_once_naming_the_step(ray_cluster, tmp_path, caplog):
+    """A loss that turns NaN is not a worker failure: restarted from its last checkpoint, the run
+    would replay the same steps into the same NaN, max_failures times. It fails at once, says why
+    and at which step, closes its MLflow run as failed and registers nothing."""
+    # lr x weight decay = 100: every step multiplies the weights by about -99, so they overflow.
+    spec = tiny_spec("ray-diverge", tmp_path, optim={"epochs": 3, "lr": 100, "weight_decay": 1.0, "schedule": "constant"},
+                     checkpoint={"every": 1, "keep": 2, "max_failures": 2})
+    with caplog.at_level(logging.WARNING, logger="leoclr_core.distributed.pretrain"):
+        result = runner.invoke(app, ["pretrain", str(_write(tmp_path, spec))])
+
+    assert result.exit_code == 1, result.output
+    said = " ".join(result.output.split())  # the console wraps long lines
+    assert re.search(r"FloatingPointError: the training loss is -?(nan|inf) at step \d+", said), said[-2000:]
+    assert not [r.getMessage() for r in caplog.records if "restarted" in r.getMessage()]
+    mlflow = _mlflow()
+    runs = mlflow.search_runs([mlflow.get_experiment_by_name("ray-diverge").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert mlflow.search_model_versions("name='ray-diverge-encoder'") == []
 
 
 def test_image_folder_streams_through_ray_data_and_counts_corrupt_files(ray_cluster, tmp_path):

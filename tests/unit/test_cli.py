@@ -23,6 +23,17 @@ def test_pretrain_local_runs_the_demo_config_and_reports_knn(tmp_path):
     assert (tmp_path / "encoder.pt").is_file()
 
 
+def test_a_diverged_local_run_fails_with_the_step_named_not_a_traceback(tmp_path):
+    # lr x weight decay = 100: every step multiplies the weights by about -99, so they overflow.
+    diverging = ["--set", "optim.lr=100", "--set", "optim.weight_decay=1.0", "--set", "optim.schedule=constant",
+                 "--set", "optim.epochs=3", "--set", "scaling.log_every=1"]
+    result = runner.invoke(app, ["pretrain", "configs/demo.yaml", "--local", "-o", str(tmp_path), *TINY, *diverging])
+    assert result.exit_code == 1, result.output
+    said = " ".join(result.output.split())
+    assert "error: the training loss is" in said and "at step" in said, said[-2000:]
+    assert "Traceback" not in said
+
+
 def test_pretrain_rejects_an_invalid_spec_naming_the_field(tmp_path):
     result = runner.invoke(app, ["pretrain", "configs/demo.yaml", "--set", "optim.lr=-1"])
     assert result.exit_code == 2
