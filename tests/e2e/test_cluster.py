@@ -6,6 +6,7 @@ encoder in the registry. What a cluster deployment (deploy/) does, at laptop sca
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -38,7 +39,10 @@ def cluster(tmp_path_factory):
     gcs, dash = free_ports(2)
     ray = str(Path(sys.executable).with_name("ray"))
     # The nodes run `leoclr run-job` for the API, from their PATH (an image's, an activated venv's).
-    env = clean_env(RAY_AUTH_MODE="token", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    # Every process of the cluster gets the token in RAY_AUTH_TOKEN, as deploy/ does: `ray start`
+    # makes none, and on a fresh machine there is no ~/.ray/auth_token to fall back on.
+    env = clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
+                    PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     procs = []
 
     def start(args: list[str], log: str) -> None:
