@@ -11,7 +11,7 @@ and resets torch.compile's in-memory caches, so each compiled row compiles as it
 process: the on-disk inductor cache is the only thing that carries over, as it did before.
 
 Why not one: what a ResNet-50 row leaves in the process slows the ResNet-18 rows after it. Their
-steps are 15-20 ms long and bound by the host launching kernels. Side by side on one H200
+steps are 13-24 ms long and bound by the host launching kernels. Side by side on one H200
 (docs/bench/h200-2026-11-27-one-process/), the compiled ResNet-18 LeOCLR row ran at 37,889
 instances/s compute-only in a process of its own, 35,739 after an eager ResNet-18 row, 32,956
 after an eager ResNet-50 row, and 29,211 after a compiled ResNet-50 row (which left 3 times the
