@@ -6,7 +6,8 @@
 #   d2: 06 alone, `python -m leoclr_core.bench` (a process of its own, warm cache)
 #   d3: matrix process of rows 01 (eager R50) then 06
 #   d4: matrix process of rows 02 (compiled R50) then 06, while DEADLINE_S allows
-# Each matrix row's header says what the process held when it started. Results: $OUT/diag.log
+# All in one process each (`--processes one`: since this ran, the matrix gives each config its own
+# process on a GPU). Each matrix row's header says what the process held when it started. Results: $OUT/diag.log
 # as it goes, $OUT/diag.tgz at the end.
 #   run: bash bench/device-diag.sh      (carry: .whl)
 set -uo pipefail
@@ -28,7 +29,7 @@ show() {  # the lines that matter of one step's log
   say "dynamic marks: $(grep -c 'as dynamic' "$1")"
 }
 say "$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader) $(nproc) cores"
-M=(python3 -m leoclr_core.bench_matrix --budget 600 --device cuda --loader-workers 12)
+M=(python3 -m leoclr_core.bench_matrix --budget 600 --device cuda --loader-workers 12 --processes one)
 
 say "--- d1: matrix 05 06 08 (cold cache) at ${SECONDS}s"
 timeout -k 5 $(left) "${M[@]}" --out "$W/d1" --only 05-r18-leoclr-eager 06-r18-leoclr-compiled 08-r18-mocov2-compiled >"$W/d1.log" 2>&1
