@@ -192,9 +192,12 @@ def leftovers(device: str) -> str:
 
 def _children() -> int:
     """Live child processes: loader workers (multiprocessing) and compile workers (subprocess) alike."""
-    try:  # Linux: each thread's children, as the kernel lists them
-        return sum(len(t.read_text().split()) for t in Path("/proc/self/task").glob("*/children"))
-    except OSError:
+    tasks = Path("/proc/self/task")  # Linux: each thread's children, as the kernel lists them
+    if not tasks.is_dir():
+        return len(multiprocessing.active_children())
+    try:
+        return sum(len(t.read_text().split()) for t in tasks.glob("*/children"))
+    except OSError:  # a thread that ended while being read
         return len(multiprocessing.active_children())
 
 

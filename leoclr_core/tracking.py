@@ -106,8 +106,12 @@ def _service_tags() -> dict[str, str]:
 
 
 def end_run(run_id: str, status: str = "FINISHED", settings: CoreSettings | None = None) -> None:
-    """`status`: FINISHED, FAILED or KILLED (a cancelled job)."""
-    client(settings).set_terminated(run_id, status)
+    """`status`: FINISHED, FAILED or KILLED (a cancelled job). A run something else has closed
+    keeps its status: a search trial ASHA stopped is closed as KILLED by the search's driver, and
+    the trial's own ending, which sees only an interrupted fit, can come after it."""
+    c = client(settings)
+    if c.get_run(run_id).info.status == "RUNNING":
+        c.set_terminated(run_id, status)
 
 
 def _metric_key(name: str) -> str:

@@ -75,12 +75,14 @@ def ensure_auth_token(ray: str) -> None:
     run Ray yet, the embedded head would not start. Ray's own CLI creates it (~/.ray/auth_token,
     unless RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH name one), and only if none exists."""
     default = Path.home() / ".ray" / "auth_token"
-    had = default.exists()
+    named = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if os.environ.get("RAY_AUTH_TOKEN") or (named and Path(named).is_file()) or default.is_file():
+        return  # the usual case: asking Ray's CLI would cost every head start a 2 s Python start-up
     done = subprocess.run([ray, "get-auth-token", "--generate"], env=_ray_env(), stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True, timeout=120)
     if done.returncode != 0:  # the token is a secret: stdout, which prints it, is never kept
         raise RuntimeError(f"could not create Ray's authentication token: {done.stderr.strip()[-500:]}")
-    if not had and default.exists():  # made here: readable by this user only, like the API token
+    if default.exists():  # made here: readable by this user only, like the API token
         default.chmod(0o600)
 
 

@@ -234,8 +234,9 @@ def run_tune(spec: TuneSpec, *, out_dir: Path | None = None, settings: CoreSetti
         c = tracking.client(s)
         for r in rows:
             r["mlflow_run_id"] = runs.get(r["trial"])
-            # Once more now that every trial process has ended: a stopped trial's own cleanup may
-            # have closed its run as FAILED after the callback closed it as KILLED.
+            # Once more, after the search: a stopped trial's own cleanup may have closed its run as
+            # FAILED after the callback closed it as KILLED. (A cleanup that comes even later finds
+            # the run closed and leaves it: tracking.end_run.)
             if r["mlflow_run_id"]:
                 if r["stopped_early"]:
                     c.set_tag(r["mlflow_run_id"], TAG_STOPPED_EARLY, "true")

@@ -33,6 +33,19 @@ def test_a_resumed_job_continues_its_unfinished_run_and_a_finished_one_starts_an
     assert tracking.start_job_run(spec, "/storage/resume-me", settings=settings) != first
 
 
+def test_ending_a_run_keeps_the_status_something_else_closed_it_with(settings, tmp_path):
+    # A search trial ASHA stopped: the search's driver closes its run as KILLED, and the trial's
+    # own ending (an interrupted fit, so FAILED) may come after.
+    spec = parse_spec(tiny_spec("trial", tmp_path))
+    run_id = tracking.start_job_run(spec, "/s/trial", settings=settings)
+    tracking.client(settings).set_terminated(run_id, "KILLED")
+    tracking.end_run(run_id, "FAILED", settings=settings)
+    assert tracking.client(settings).get_run(run_id).info.status == "KILLED"
+    resumed = tracking.start_job_run(spec, "/s/trial", settings=settings)  # not FINISHED: resumed, RUNNING
+    tracking.end_run(resumed, "FAILED", settings=settings)
+    assert tracking.client(settings).get_run(resumed).info.status == "FAILED"
+
+
 def test_resume_false_always_starts_a_new_run(settings, tmp_path):
     spec = parse_spec(tiny_spec("fresh", tmp_path, checkpoint={"resume": False}))
     a = tracking.start_job_run(spec, "/s/fresh", settings=settings)
