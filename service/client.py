@@ -13,7 +13,7 @@ import httpx
 
 from .settings import ServiceSettings
 
-FINISHED = ("succeeded", "failed", "cancelled")
+FINISHED = ("succeeded", "failed", "cancelled", "lost")
 
 
 class ApiError(Exception):

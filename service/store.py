@@ -18,8 +18,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from leoclr_core.settings import prepare_sqlite
 
-STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-FINISHED = ("succeeded", "failed", "cancelled")
+STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "lost")
+# `lost`: Ray no longer knows the job (its head died or was replaced); the error says what was seen.
+FINISHED = ("succeeded", "failed", "cancelled", "lost")
 
 
 class Base(DeclarativeBase):
