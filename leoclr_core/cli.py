@@ -507,15 +507,9 @@ def submit(
 
 def _cpus_needed(spec: Any) -> float:
     """Logical CPUs a job asks of Ray (its workers, data tasks; a search: its concurrent trials)."""
-    if spec.kind == "evaluate":
-        return spec.scaling.cpus_per_worker
-    if spec.kind == "tune":
-        from .distributed.tune import per_trial_cpus
+    from .resources import job_resources
 
-        return spec.max_concurrent_trials * per_trial_cpus(spec) + 1
-    from .distributed.pretrain import cluster_cpus_needed
-
-    return cluster_cpus_needed(spec)
+    return job_resources(spec)["CPU"]
 
 
 @app.command()

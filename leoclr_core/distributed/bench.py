@@ -56,7 +56,8 @@ def _spec(base: PretrainSpec, workers: int, out: Path, name: str) -> PretrainSpe
 
 def run_bench(spec: PretrainSpec, out: Path) -> dict[str, Any]:
     from ..train import pretrain
-    from .pretrain import cluster_cpus_needed, run_pretrain
+    from ..resources import pretrain_cpus as cluster_cpus_needed
+    from .pretrain import run_pretrain
     from .session import ray_session
 
     results: dict[str, Any] = {"device": platform.processor() or platform.machine(), "cpus": os.cpu_count(),

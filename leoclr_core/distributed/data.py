@@ -50,9 +50,9 @@ from ..data.parquet import cell_bytes, parquet_split_paths
 from ..engine import Runtime
 from ..methods import METHOD_REGISTRY, MomentumMethod
 from ..prefetch import Prefetcher
+from ..resources import augments_on_worker
 from ..spec import PretrainSpec
-from ..train import (Feed, batched_views, device_decodes, epoch_seed, job_source, resize_for_batching,
-                     wants_device_decode)
+from ..train import Feed, batched_views, device_decodes, epoch_seed, job_source, resize_for_batching
 from ..views import make_view_transform
 
 log = logging.getLogger(__name__)
@@ -78,8 +78,7 @@ class SkipCounter:
 def augment_on_worker(spec: PretrainSpec) -> bool:
     """Views made by the training workers on their device (images are streamed: on their GPU, or
     wherever `data.decode` gpu sends the images), or by CPU actors."""
-    aug = spec.augment
-    return aug.device == "gpu" or (aug.device == "auto" and (spec.scaling.use_gpu or wants_device_decode(spec)))
+    return augments_on_worker(spec)
 
 
 def decodes_on_worker(spec: PretrainSpec) -> bool:

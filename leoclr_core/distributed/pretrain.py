@@ -278,16 +278,6 @@ class _Follower:
         self.poll()
 
 
-def cluster_cpus_needed(spec: PretrainSpec) -> float:
-    """Logical CPUs a job asks of Ray: its training workers, one for Ray Data's read and decode
-    tasks, and, unless GPUs augment, its view actors (which hold theirs for the whole epoch)."""
-    s = spec.scaling
-    need = s.num_workers * s.cpus_per_worker + 1
-    if not augment_on_worker(spec):
-        need += s.data_workers * s.data_cpus_per_worker
-    return need
-
-
 def resolve_storage(storage: str) -> str:
     """Ray Train and Tune want an absolute path (created here) or a URI."""
     if "://" in storage:

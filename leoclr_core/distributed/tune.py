@@ -29,7 +29,8 @@ from ray import tune
 from .. import contract, tracking
 from ..settings import CoreSettings, core_settings
 from ..spec import SearchDim, TuneSpec
-from .pretrain import cluster_cpus_needed, resolve_storage, run_pretrain
+from ..resources import TRIAL_DRIVER_CPU, per_trial_cpus
+from .pretrain import resolve_storage, run_pretrain
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +53,13 @@ def trial_name(trial: Any) -> str:
     return f"trial-{int(str(trial.experiment_tag).split('_', 1)[0]):03d}"
 
 
-def cluster_check(spec: TuneSpec, per_trial_cpus: float) -> None:
+def cluster_check(spec: TuneSpec, trial_cpus: float) -> None:
     """Refuse a search the cluster cannot place `max_concurrent_trials` of at once."""
     total = ray.cluster_resources()
-    need_cpu = spec.max_concurrent_trials * per_trial_cpus
+    need_cpu = spec.max_concurrent_trials * trial_cpus
     if need_cpu > total.get("CPU", 0):
         raise ValueError(
-            f"max_concurrent_trials ({spec.max_concurrent_trials}) x {per_trial_cpus:g} CPUs per trial = "
+            f"max_concurrent_trials ({spec.max_concurrent_trials}) x {trial_cpus:g} CPUs per trial = "
             f"{need_cpu:g} CPUs, but the cluster has {total.get('CPU', 0):g}; lower max_concurrent_trials or "
             "base.scaling, or add nodes")
     sc = spec.base.scaling
@@ -68,15 +69,6 @@ def cluster_check(spec: TuneSpec, per_trial_cpus: float) -> None:
             raise ValueError(f"max_concurrent_trials ({spec.max_concurrent_trials}) x {sc.num_workers} workers x "
                              f"{sc.gpus_per_worker:g} GPUs = {need_gpu:g} GPUs, but the cluster has "
                              f"{total.get('GPU', 0):g}")
-
-
-# What a trial's own function (Tune's actor that fits the trainer) holds: it only waits, but Tune
-# cannot place an actor that asks for nothing.
-TRIAL_DRIVER_CPU = 0.01
-
-
-def per_trial_cpus(spec: TuneSpec) -> float:
-    return cluster_cpus_needed(spec.trial_spec({})) + TRIAL_DRIVER_CPU
 
 
 def _trial(config: dict[str, Any], *, spec_json: dict[str, Any], parent_run_id: str, settings_json: dict[str, Any],

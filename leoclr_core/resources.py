@@ -1,0 +1,57 @@
+"""What a job asks of a Ray cluster, from its spec alone (no torch, no Ray), so that the API can
+refuse a job that can never be placed and hold one back until the cluster has room for it, and
+the drivers size a local cluster with the same numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .spec import ENCODED_SOURCES, PretrainSpec, TuneSpec
+
+# What a search trial's own function (Tune's actor that fits the trainer) holds: it only waits,
+# but Tune cannot place an actor that asks for nothing.
+TRIAL_DRIVER_CPU = 0.01
+
+
+def augments_on_worker(spec: PretrainSpec) -> bool:
+    """Views made by the training workers on their device (on their GPU, or wherever `data.decode`
+    gpu sends the images) rather than by CPU data workers."""
+    aug = spec.augment
+    device_decode = spec.data.source in ENCODED_SOURCES and spec.data.decode == "gpu"
+    return aug.device == "gpu" or (aug.device == "auto" and (spec.scaling.use_gpu or device_decode))
+
+
+def pretrain_cpus(spec: PretrainSpec) -> float:
+    """Logical CPUs a pretrain job asks of Ray: its training workers, one for Ray Data's read and
+    decode tasks, and, unless the workers make the views, its view workers (which hold theirs for
+    the whole epoch)."""
+    s = spec.scaling
+    need = s.num_workers * s.cpus_per_worker + 1
+    if not augments_on_worker(spec):
+        need += s.data_workers * s.data_cpus_per_worker
+    return need
+
+
+def per_trial_cpus(spec: TuneSpec) -> float:
+    return pretrain_cpus(spec.trial_spec({})) + TRIAL_DRIVER_CPU
+
+
+def job_resources(spec: Any) -> dict[str, float]:
+    """{"CPU": n, "GPU": n}: what the job holds at its peak (a search: its concurrent trials)."""
+    if spec.kind == "evaluate":
+        sc = spec.scaling
+        return {"CPU": sc.cpus_per_worker, "GPU": sc.gpus_per_worker if sc.use_gpu else 0.0}
+    if spec.kind == "tune":
+        sc, n = spec.base.scaling, spec.max_concurrent_trials
+        return {"CPU": n * per_trial_cpus(spec) + 1,
+                "GPU": n * sc.num_workers * sc.gpus_per_worker if sc.use_gpu else 0.0}
+    sc = spec.scaling
+    return {"CPU": pretrain_cpus(spec), "GPU": sc.num_workers * sc.gpus_per_worker if sc.use_gpu else 0.0}
+
+
+def largest_unit(spec: Any) -> dict[str, float]:
+    """The most one node must hold for the job to be placed at all: one training worker (with
+    PACK, Ray may spread workers over nodes, but never splits one)."""
+    sc = spec.base.scaling if spec.kind == "tune" else spec.scaling
+    return {"CPU": sc.cpus_per_worker, "GPU": sc.gpus_per_worker if sc.use_gpu else 0.0}
