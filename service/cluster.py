@@ -15,11 +15,14 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +89,29 @@ def ensure_auth_token(ray: str) -> None:
         default.chmod(0o600)
 
 
+# Ray's sockets live under its temp dir (`<dir>/session_<date>_<pid>/sockets/plasma_store`), and a
+# Unix socket path may not exceed 107 bytes: a longer data directory gets a private folder in /tmp.
+MAX_TEMP_DIR = 44
+
+
+def session_dir(data_dir: Path) -> Path:
+    """Where the embedded head keeps its session (logs of every job's driver included): in the data
+    directory, readable by this user only, not in the world-readable /tmp/ray that Ray defaults to."""
+    wanted = data_dir.resolve() / "ray-session"
+    if len(str(wanted)) <= MAX_TEMP_DIR:
+        wanted.mkdir(parents=True, exist_ok=True)
+        wanted.chmod(0o700)
+        return wanted
+    link = data_dir / "ray-session"  # the short folder, found again from the data directory
+    if link.is_symlink() and link.resolve().is_dir() and len(str(link.resolve())) <= MAX_TEMP_DIR:
+        return link.resolve()
+    short = Path(tempfile.mkdtemp(prefix="leoclr-ray-"))  # mode 0700
+    if link.is_symlink():
+        link.unlink()
+    link.symlink_to(short, target_is_directory=True)
+    return short
+
+
 def ensure_head(data_dir: Path, num_cpus: int | None = None, timeout: float = 120.0) -> EmbeddedHead:
     """The recorded head if it still answers, else a new one."""
     record = data_dir / "ray-head.json"
@@ -107,6 +133,7 @@ def ensure_head(data_dir: Path, num_cpus: int | None = None, timeout: float = 12
            f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
            "--disable-usage-stats", f"--num-cpus={num_cpus or os.cpu_count() or 1}"]
     data_dir.mkdir(parents=True, exist_ok=True)
+    cmd.append(f"--temp-dir={session_dir(data_dir)}")
     ensure_auth_token(ray)
     logf = open(data_dir / "ray-head.log", "ab")
     proc = subprocess.Popen(cmd, env=_ray_env(), stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
@@ -121,3 +148,58 @@ def ensure_head(data_dir: Path, num_cpus: int | None = None, timeout: float = 12
     tmp.write_text(json.dumps({"pid": head.pid, "gcs_address": head.gcs_address, "dashboard_url": head.dashboard_url}))
     tmp.replace(record)
     return head
+
+
+class HeadSupervisor:
+    """Restarts the embedded head when it dies (a crash, an OOM kill, a stray `ray stop`): at most
+    `restarts` times in a row, each attempt logged, then it gives up and /readyz stays 503. The
+    jobs the dead head ran are marked lost by the reconcile loop (the new head has no record of
+    them); jobs still queued in the service go to the new head."""
+
+    def __init__(self, data_dir: Path, head: EmbeddedHead, on_new_head: Callable[[EmbeddedHead], None],
+                 num_cpus: int | None = None, restarts: int = 5, interval: float = 2.0):
+        self.data_dir, self.head, self.on_new_head = data_dir, head, on_new_head
+        self.num_cpus, self.restarts, self.interval = num_cpus, restarts, interval
+        self.gave_up = False
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="leoclr-head-supervisor", daemon=True)
+
+    def _loop(self) -> None:
+        while not self.stop_event.wait(self.interval):
+            if self.head.alive():
+                continue
+            log.warning("the embedded Ray head (pid %d, %s) is gone; restarting it", self.head.pid, self.head.gcs_address)
+            self._restart()
+            if self.gave_up:
+                return
+
+    def _restart(self) -> None:
+        try:
+            os.killpg(self.head.pid, signal.SIGKILL)  # what is left of the old head's processes
+        except OSError:
+            pass
+        for attempt in range(1, self.restarts + 1):
+            if self.stop_event.is_set():
+                return
+            try:
+                head = ensure_head(self.data_dir, self.num_cpus)
+            except (RuntimeError, OSError) as exc:
+                log.error("restart %d of %d of the embedded Ray head failed: %s", attempt, self.restarts, exc)
+                self.stop_event.wait(min(60.0, 2.0 ** attempt))
+                continue
+            head.owned = True  # started here, so stopped with the service
+            self.head = head
+            self.on_new_head(head)
+            log.warning("the embedded Ray head is back (restart %d): %s, Jobs API %s", attempt, head.gcs_address,
+                        head.dashboard_url)
+            return
+        log.error("gave up restarting the embedded Ray head after %d attempts; /readyz stays 503 "
+                  "until the service is restarted", self.restarts)
+        self.gave_up = True
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.thread.join(timeout=30)

@@ -1,8 +1,14 @@
 """Follows Ray's view of every unfinished job into the store, in a background thread.
 
 It reads the store afresh each pass, so an API that restarts (or was killed) picks up every job
-it had not seen finish. A finished pretrain/evaluate driver prints its result as a JSON line last;
-that line is kept as the job's result.
+it had not seen finish. Each pass also asks whether the Ray Jobs API answers at all: /readyz says
+what it found, and a job Ray has lost is marked `lost` instead of `running` for ever:
+- at once, when Ray answers but has no record of the job (its head died and a new one took over:
+  the embedded head restarted by the service, or `leoclr serve` restarted with a new head);
+- after LEOCLR_RAY_LOST_AFTER_S of no answer from the Jobs API at all (a head that stays down).
+Jobs that never reached Ray stay `queued` and go to whichever head answers next (admission.py).
+A finished pretrain/evaluate driver prints its result as a JSON line last; that line is kept as
+the job's result.
 """
 
 from __future__ import annotations
@@ -10,10 +16,11 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from datetime import datetime, timezone
+import time
 from typing import Any
 
-from .runner import Runner
+from .admission import Admission
+from .runner import JobGone, Runner
 from .store import FINISHED, Job, JobStore
 
 log = logging.getLogger(__name__)
@@ -30,39 +37,62 @@ def last_json_line(text: str) -> dict[str, Any] | None:
     return None
 
 
-SUBMIT_TIMEOUT_S = 300.0  # how long a queued job keeps trying to reach Ray before it fails
+class RayHealth:
+    """Whether the Ray Jobs API answered the last time it was asked, and since when it has not."""
+
+    def __init__(self) -> None:
+        self.down_since: float | None = None
+        self.error: str | None = None
+        self.checked: float | None = None
+
+    def record(self, error: BaseException | None) -> None:
+        self.checked = time.monotonic()
+        if error is None:
+            self.down_since, self.error = None, None
+        else:
+            self.down_since = self.down_since or self.checked
+            self.error = f"{type(error).__name__}: {error}"
+
+    @property
+    def ok(self) -> bool:
+        return self.checked is not None and self.down_since is None
+
+    def down_for(self) -> float:
+        return 0.0 if self.down_since is None else time.monotonic() - self.down_since
+
+    def check(self, runner: Runner) -> bool:
+        try:
+            runner.ping()
+        except Exception as exc:  # noqa: BLE001 - any failure to answer is "not reachable"
+            self.record(exc)
+            return False
+        self.record(None)
+        return True
 
 
-def submit_job(store: JobStore, runner: Runner, job: Job) -> Job:
-    """Hand a stored job to Ray. A refusal (a head still starting: "no available agent") leaves it
-    queued with the reason; the reconcile loop tries again until SUBMIT_TIMEOUT_S has passed."""
-    try:
-        submission_id = runner.submit(job.id, job.spec)
-    except Exception as exc:  # noqa: BLE001 - kept, with the reason, never dropped
-        if "already exists" in str(exc):  # an earlier try got through; its answer did not
-            return store.update(job.id, submission_id=f"leoclr-{job.id}", error=None)
-        age = (datetime.now(timezone.utc) - _aware(job.created_at)).total_seconds()
-        if age > SUBMIT_TIMEOUT_S:
-            return store.update(job.id, status="failed", error=f"submission to Ray failed: {exc}")
-        return store.update(job.id, error=f"submission to Ray pending (will retry): {exc}")
-    return store.update(job.id, submission_id=submission_id, error=None)
-
-
-def _aware(t: datetime) -> datetime:
-    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)  # SQLite gives naive datetimes back
-
-
-def reconcile_job(store: JobStore, runner: Runner, job: Job) -> Job:
-    """Bring one unfinished job up to Ray's view of it: submit it if it is still waiting, take
-    its status, and when it has finished, its result (the driver's last JSON line) or error.
-    The background loop and a read of the job both go through here, so neither can record a
-    finished status without its result."""
-    if not job.submission_id:
-        return submit_job(store, runner, job)
-    try:
-        status = runner.status(job.submission_id)
-    except Exception as exc:  # noqa: BLE001 - Ray briefly unreachable: try again next pass
-        log.debug("status of %s: %s", job.id, exc)
+def reconcile_job(store: JobStore, runner: Runner, job: Job, health: RayHealth | None = None,
+                  lost_after_s: float = 30.0) -> Job:
+    """Bring one job that Ray was given up to Ray's view of it: its status, and when it has
+    finished, its result (the driver's last JSON line) or error. The background loop and a read of
+    the job both go through here, so neither can record a finished status without its result.
+    A job not yet given to Ray is left as it is: the admission gate hands it over."""
+    if not job.submission_id or job.status in FINISHED:
+        return job
+    if health is None or health.down_since is None:
+        try:
+            status = runner.status(job.submission_id)
+        except JobGone as exc:
+            return _mark_lost(store, job, f"Ray has no record of its job: the Ray head it ran on died or was "
+                                          f"replaced ({exc})")
+        except Exception as exc:  # noqa: BLE001 - Ray unreachable: lost only once it has been for long enough
+            log.debug("status of %s: %s", job.id, exc)
+            if health is None:
+                return job
+            health.record(exc)
+    if health is not None and health.down_since is not None:
+        if health.down_for() >= lost_after_s:
+            return _mark_lost(store, job, f"the Ray Jobs API has not answered for {health.down_for():.0f} s "
+                                          f"(LEOCLR_RAY_LOST_AFTER_S={lost_after_s:g}): {health.error}")
         return job
     if status == job.status:
         return job
@@ -78,21 +108,40 @@ def reconcile_job(store: JobStore, runner: Runner, job: Job) -> Job:
     return store.update(job.id, **fields)
 
 
-def reconcile_once(store: JobStore, runner: Runner) -> int:
-    """One pass over every unfinished job; returns how many changed status."""
-    return sum(reconcile_job(store, runner, job).status != job.status for job in store.unfinished())
+def _mark_lost(store: JobStore, job: Job, reason: str) -> Job:
+    log.warning("job %s (%s) lost: %s", job.id, job.name, reason)
+    return store.update(job.id, status="lost", error=f"lost: {reason}")
+
+
+def reconcile_once(store: JobStore, runner: Runner, admission: Admission | None = None,
+                   health: RayHealth | None = None, lost_after_s: float = 30.0) -> int:
+    """One pass: Ray's health, every job Ray was given, then the gate; returns how many jobs changed status."""
+    health = health or RayHealth()
+    reachable = health.check(runner)
+    changed = 0
+    for job in store.unfinished():
+        if job.submission_id:
+            changed += reconcile_job(store, runner, job, health, lost_after_s).status != job.status
+    if admission is not None:
+        for job in admission.admit(store, reachable):
+            # A job just handed over is read back at once, not a pass later: Ray may already run it.
+            changed += reconcile_job(store, runner, job, health, lost_after_s).status != "queued"
+    return changed
 
 
 class Reconciler:
-    def __init__(self, store: JobStore, runner: Runner, interval: float = 2.0):
+    def __init__(self, store: JobStore, runner: Runner, interval: float = 2.0, admission: Admission | None = None,
+                 lost_after_s: float = 30.0, health: RayHealth | None = None):
         self.store, self.runner, self.interval = store, runner, interval
+        self.admission, self.lost_after_s = admission, lost_after_s
+        self.health = health or RayHealth()
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="leoclr-reconcile", daemon=True)
 
     def _loop(self) -> None:
         while not self.stop_event.is_set():
             try:
-                reconcile_once(self.store, self.runner)
+                reconcile_once(self.store, self.runner, self.admission, self.health, self.lost_after_s)
             except Exception as exc:  # noqa: BLE001 - a bad pass must not end the loop
                 log.warning("reconcile pass failed: %s", exc)
             self.stop_event.wait(self.interval)
@@ -103,3 +152,8 @@ class Reconciler:
     def stop(self) -> None:
         self.stop_event.set()
         self.thread.join(timeout=10)
+
+
+def submit_job(store: JobStore, runner: Runner, job: Job) -> Job:
+    """Hand one stored job to Ray at once, bypassing the gate (kept while the app is rewired)."""
+    return Admission(runner)._submit(store, job)

@@ -7,7 +7,8 @@ file shared with the API. `leoclr run-job` reads it and runs the job on the clus
 from __future__ import annotations
 
 import json
-from typing import Any, AsyncIterator, Protocol
+import threading
+from typing import Any, AsyncIterator, Callable, Protocol
 
 import leoclr_core.distributed  # noqa: F401 - Ray's environment (token auth, loopback), before Ray is imported
 
@@ -23,23 +24,54 @@ STATUS_MAP = {"PENDING": "queued", "RUNNING": "running", "SUCCEEDED": "succeeded
 STOP_GRACE_S = "20"
 
 
+class JobGone(RuntimeError):
+    """Ray answers but has no record of the job: the head it ran on died or was replaced."""
+
+
 class Runner(Protocol):
     def submit(self, job_id: str, spec: dict[str, Any]) -> str: ...
-    def status(self, submission_id: str) -> str: ...
+    def status(self, submission_id: str) -> str: ...  # raises JobGone, or any error when Ray is unreachable
     def stop(self, submission_id: str) -> bool: ...  # False: the job had already ended
     def logs(self, submission_id: str) -> str: ...
     def tail(self, submission_id: str) -> AsyncIterator[str]: ...
+    def ping(self) -> None: ...  # raises when the Jobs API does not answer
+    def cluster_resources(self) -> dict[str, float]: ...  # {"CPU": total, "GPU": total, ...} of the alive nodes
 
 
 class RayJobsRunner:
-    """`address`: the Ray dashboard's HTTP address (the Jobs API). `env`: variables every driver
+    """`address`: the Ray dashboard's HTTP address (the Jobs API), or a function that finds it (asked
+    again until it answers, so a service can start before its cluster). `env`: variables every driver
     gets (where MLflow and the data directory are), so jobs land where the API looks."""
 
-    def __init__(self, address: str, entrypoint: str = "leoclr run-job", env: dict[str, str] | None = None):
+    def __init__(self, address: str | Callable[[], str], entrypoint: str = "leoclr run-job",
+                 env: dict[str, str] | None = None):
+        self._find = address if callable(address) else (lambda: address)
+        self._client: Any = None
+        self._lock = threading.Lock()
+        self.address: str | None = None if callable(address) else address
+        self.entrypoint, self.env = entrypoint, dict(env or {})
+
+    @property
+    def client(self) -> Any:
+        """The Jobs client, made on first use: JobSubmissionClient asks the cluster for its version when
+        it is made, and a cluster that is down at the service's start must not stop the service."""
+        client = self._client
+        if client is not None:
+            return client
         from ray.job_submission import JobSubmissionClient  # not torch: the API may import it
 
-        self.client = JobSubmissionClient(address)
-        self.entrypoint, self.env = entrypoint, dict(env or {})
+        find = self._find  # not under the lock: finding a cluster that is down can take a while
+        address = find()
+        client = JobSubmissionClient(address)
+        with self._lock:
+            if self._find is find:  # not retargeted meanwhile
+                self._client, self.address = client, address
+        return client
+
+    def retarget(self, address: str) -> None:
+        """Point at a new Jobs API (the embedded head was restarted on new ports)."""
+        with self._lock:
+            self._find, self._client, self.address = (lambda: address), None, address
 
     def submit(self, job_id: str, spec: dict[str, Any]) -> str:
         return self.client.submit_job(
@@ -50,7 +82,13 @@ class RayJobsRunner:
         )
 
     def status(self, submission_id: str) -> str:
-        return STATUS_MAP.get(str(self.client.get_job_status(submission_id)).split(".")[-1], "running")
+        try:
+            raw = self.client.get_job_status(submission_id)
+        except RuntimeError as exc:
+            if "does not exist" in str(exc):  # Ray's 404 for a job id it never saw
+                raise JobGone(str(exc)) from None
+            raise
+        return STATUS_MAP.get(str(raw).split(".")[-1], "running")
 
     def stop(self, submission_id: str) -> bool:
         return bool(self.client.stop_job(submission_id))
@@ -61,6 +99,23 @@ class RayJobsRunner:
     def tail(self, submission_id: str) -> AsyncIterator[str]:
         """The driver's log as it is written, until the job ends (Ray streams it over a websocket)."""
         return self.client.tail_job_logs(submission_id)
+
+    def ping(self) -> None:
+        response = self.client._do_request("GET", "/api/version")  # the cheapest call the Jobs API answers
+        if response.status_code != 200:
+            raise ConnectionError(f"the Ray Jobs API at {self.address} answered HTTP {response.status_code}")
+
+    def cluster_resources(self) -> dict[str, float]:
+        """Ray's own view: the total resources of its alive nodes (the state API, over the dashboard)."""
+        from ray.util.state import list_nodes
+
+        totals: dict[str, float] = {}
+        for node in list_nodes(address=self.client.get_address(), filters=[("state", "=", "ALIVE")], detail=True,
+                               raise_on_missing_output=False):
+            for name, value in (node.resources_total or {}).items():
+                if not name.startswith("node:"):
+                    totals[name] = totals.get(name, 0.0) + float(value)
+        return totals
 
 
 def dashboard_url(address: str) -> str:

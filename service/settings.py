@@ -30,6 +30,26 @@ class ServiceSettings(CoreSettings):
                     "the cluster at RAY_ADDRESS, or with neither, an embedded Ray head is started on 127.0.0.1.",
     )
 
+    max_running_jobs: int | None = Field(
+        default=None, ge=1, le=10_000, validation_alias=AliasChoices("LEOCLR_MAX_RUNNING_JOBS"),
+        description="Jobs handed to Ray at once; more wait `queued` in the service, in order of submission. "
+                    "Default: half the cluster's CPUs (at least 1): each job's driver also takes memory on the head.",
+    )
+    cluster_max_resources: str | None = Field(
+        default=None, validation_alias=AliasChoices("LEOCLR_CLUSTER_MAX_RESOURCES"),
+        description="What the cluster can grow to with an autoscaler, e.g. CPU=256,GPU=32 (a job asking for more is "
+                    "refused at submit); unset: what Ray reports now.",
+    )
+    ray_lost_after_s: float = Field(
+        default=30.0, gt=0, le=86_400, validation_alias=AliasChoices("LEOCLR_RAY_LOST_AFTER_S"),
+        description="Seconds the Ray Jobs API may stay unreachable before the jobs it was running are marked `lost`.",
+    )
+    head_restarts: int = Field(
+        default=5, ge=0, le=100, validation_alias=AliasChoices("LEOCLR_HEAD_RESTARTS"),
+        description="Times in a row the service restarts its embedded Ray head when it dies before it gives up "
+                    "(and /readyz stays 503).",
+    )
+
     data_roots: str | None = Field(
         default=None, validation_alias=AliasChoices("LEOCLR_DATA_ROOTS"),
         description="Folders a job submitted over the API may read data from (separated by ':'); "
@@ -39,6 +59,23 @@ class ServiceSettings(CoreSettings):
         default="http://127.0.0.1:8000", validation_alias=AliasChoices("LEOCLR_API_URL"),
         description="Where the client commands (leoclr submit, status, logs, cancel, models) find the API.",
     )
+
+    @property
+    def max_resources(self) -> dict[str, float] | None:
+        """LEOCLR_CLUSTER_MAX_RESOURCES as {"CPU": 256.0, "GPU": 32.0}; a malformed value is an error naming it."""
+        if not self.cluster_max_resources:
+            return None
+        out: dict[str, float] = {}
+        for item in self.cluster_max_resources.split(","):
+            name, sep, value = item.partition("=")
+            try:
+                if not sep or not name.strip():
+                    raise ValueError
+                out[name.strip()] = float(value)
+            except ValueError:
+                raise ValueError(f"LEOCLR_CLUSTER_MAX_RESOURCES: {item!r} is not NAME=NUMBER "
+                                 "(e.g. CPU=256,GPU=32)") from None
+        return out
 
     @property
     def allowed_data_roots(self) -> list[Path]:
