@@ -305,41 +305,51 @@ def serve(
     num_cpus: Optional[int] = typer.Option(None, help="CPUs of the embedded Ray head (default: all)."),
 ) -> None:
     """Start the REST API (FastAPI + uvicorn) over the Ray cluster at LEOCLR_RAY_JOBS_ADDRESS or
-    RAY_ADDRESS. Embedded defaults: a Ray head on 127.0.0.1 started (or found again) for it, MLflow
-    and the job store on SQLite under LEOCLR_DATA_DIR."""
+    RAY_ADDRESS. Embedded defaults: a Ray head on 127.0.0.1 started (or found again) for it, and
+    restarted if it dies; MLflow and the job store on SQLite under LEOCLR_DATA_DIR. A cluster that
+    does not answer yet is no reason to stop: jobs wait `queued` and /readyz says 503 until it does."""
     import sys
 
     import uvicorn
 
     from service.app import create_app
-    from service.cluster import ensure_head
+    from service.cluster import HeadSupervisor, ensure_head
     from service.runner import RayJobsRunner
     from service.settings import ServiceSettings
 
     s = ServiceSettings()
-    head = None
+    supervisor = None
     # What every job's driver is told, so its runs, checkpoints and models land where the API looks.
     env = {"LEOCLR_DATA_DIR": str(s.home), "MLFLOW_TRACKING_URI": s.tracking_uri}
     if s.storage_path:
         env["LEOCLR_STORAGE_PATH"] = s.storage_path
     if s.ray_jobs_address:
         runner = RayJobsRunner(s.ray_jobs_address, env=env)
+        console.print(f"Ray Jobs API: {s.ray_jobs_address}")
     elif s.ray_address:
         from service.runner import dashboard_url
 
-        jobs = dashboard_url(s.ray_address)
-        console.print(f"Ray cluster {s.ray_address}: Jobs API {jobs}")
-        runner = RayJobsRunner(jobs, env=env)
+        ray_address = s.ray_address
+        runner = RayJobsRunner(lambda: dashboard_url(ray_address), env=env)  # asked again until the cluster answers
+        console.print(f"Ray cluster {ray_address} (its Jobs API is found on first use)")
     else:
-        head = ensure_head(s.home, num_cpus)
+        try:
+            head = ensure_head(s.home, num_cpus)
+        except RuntimeError as exc:
+            _fail(exc)
         leoclr = Path(sys.executable).with_name("leoclr")  # this install's CLI, whatever PATH the head has
         runner = RayJobsRunner(head.dashboard_url, entrypoint=f"{leoclr} run-job", env=env)
+        supervisor = HeadSupervisor(s.home, head, lambda new: runner.retarget(new.dashboard_url), num_cpus,
+                                    s.head_restarts)
+        supervisor.start()
         console.print(f"Ray head: {head.gcs_address}, dashboard and Jobs API {head.dashboard_url}")
     try:
         uvicorn.run(create_app(s, runner), host=host, port=port, log_level="info")
     finally:
-        if head is not None and head.owned:
-            head.stop()
+        if supervisor is not None:
+            supervisor.stop()
+            if supervisor.head.owned:
+                supervisor.head.stop()
 
 
 # ---------------------------------------------------------------- client of the REST API
