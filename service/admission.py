@@ -65,6 +65,8 @@ class Admission:
         except Exception as exc:  # noqa: BLE001 - Ray unreachable: no answer, not an error of the job
             log.debug("cluster resources: %s", exc)
             return None
+        if not totals.get("CPU"):  # a head that has just started has no node registered yet
+            return None
         self._capacity = (time.monotonic(), totals)
         return totals
 

@@ -181,3 +181,13 @@ def test_ray_refusing_a_submission_keeps_the_job_queued_with_the_reason(store):
     reconcile_once(store, ray, Admission(ray))
     got = store.get(job.id)
     assert got.status == "queued" and "will retry" in got.error
+
+
+def test_a_head_with_no_node_registered_yet_refuses_nothing_and_admits_nothing(store):
+    ray = Cluster(cpus=0)
+    ray.resources = {}
+    gate = Admission(ray)
+    assert gate.refusal(parse_spec(TINY)) is None
+    (job,) = add(store, 1)
+    reconcile_once(store, ray, gate)
+    assert store.get(job.id).status == "queued"
