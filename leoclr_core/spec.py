@@ -2,12 +2,15 @@
 
 This module must stay importable without torch (the API process validates specs with it).
 Every section forbids unknown fields, so a typo in a YAML file is an error naming the field,
-never a knob that silently does nothing.
+never a knob that silently does nothing. Every number has an upper bound in the JSON schema (so in
+the API's OpenAPI document too) and must be finite; docs/spec-limits.md lists them
+(`python -m leoclr_core.speclimits` regenerates it).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import warnings
 from pathlib import Path
@@ -35,12 +38,44 @@ class SpecError(ValueError):
     """A spec that cannot be run; the message names each offending field and why."""
 
 
+# Upper bounds of the fields that size work. Each is far above any real run, so it refuses only a
+# spec that could never finish (a few zeros too many, a fuzzed request), never one that could.
+MAX_SEED = 2**32 - 1  # numpy's RandomState (Tune's random search is seeded with `seed`) takes 0..2**32-1
+MAX_IMAGES = 10**9  # ~70x ImageNet-21k (14.2M); one epoch of 10**9 images at 10k images/s takes 28 h
+MAX_EPOCHS = 100_000  # ~30x the longest published self-supervised schedules (1000-3200 epochs)
+MAX_BATCH = 2**17  # 4x SimCLR's largest batch (32768); the global batch, split over the workers
+MAX_DIM = 2**16  # 8x the widest published projectors (VICReg, Barlow Twins: 8192)
+MAX_QUEUE = 2**24  # 256x MoCo's 65536 keys; already 8 GiB of 128-d fp32 keys on every worker
+MAX_WORKERS = 4096  # 4x a 1024-GPU run; every worker (and every trial) is a process Ray must place
+# Per worker, and Ray never splits a worker over nodes: more than the largest machines have
+# (768 hardware threads; 16 GPUs in a DGX-2) could never be placed.
+MAX_NODE_CPUS = 1024
+MAX_NODE_GPUS = 16
+MAX_STEPS = 1_000_000  # log_every: 18x the steps of an ImageNet-21k epoch at batch 256 (55k)
+MAX_KNN_K = 2**16  # 300x the usual k (200); the vote's top-k of 1024 queries is 0.75 GiB at this k
+MAX_BN_SPLITS = 1024  # MoCo splits in 8; 1024 sub-batches of the largest batch still hold 128 images
+MAX_FAILURES = 10_000  # -1 already means "no limit"; a run restarted 10k times is failing, not recovering
+MAX_TRIALS = 100_000  # 100x the largest searches in practice; Tune's driver holds every trial's state
+MAX_CHOICES = 1024  # values of one choice/grid dimension; a wider range is a uniform/loguniform one
+MAX_TEMPERATURE = 10.0  # 50-100x the usual 0.1-0.2; beyond it the similarities no longer matter
+MAX_LR = 100.0  # 3x the largest learning rate in practice (MoCo's linear probe: 30)
+MAX_WEIGHT_DECAY = 1.0  # 10x AdamW's largest (0.1); at lr 1 it would zero the weights every step
+MAX_JITTER = 10.0  # 12x SimCLR's strongest colour jitter (0.8); a factor of 11 saturates every pixel
+MAX_CROP_RATIO = 100.0  # aspect ratios of crops; LeOCLR/MoCo use 3/4..4/3
+MAX_REDUCTION_FACTOR = 100.0  # ASHA uses 2-4; at 100 one trial in 100 survives each rung
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan: Python's json (so the API) reads NaN and Infinity; a run would train on them
+    # until the loss is NaN, and the job row would store them as invalid JSON.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-PositiveInt = Annotated[int, Field(gt=0)]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+Epochs = Annotated[int, Field(gt=0, le=MAX_EPOCHS)]
+Temperature = Annotated[float, Field(gt=0.0, le=MAX_TEMPERATURE)]
+CpusPerWorker = Annotated[float, Field(gt=0, le=MAX_NODE_CPUS)]
 
 
 def _ordered_pair(name: str, low: float, high: float, value: tuple[float, float]) -> tuple[float, float]:
@@ -50,14 +85,19 @@ def _ordered_pair(name: str, low: float, high: float, value: tuple[float, float]
     return value
 
 
+# Sizes of objects in a synthetic scene: at most source_size (checked below), itself at most 512.
+SceneSize = Annotated[int, Field(ge=4, le=512)]
+SceneSizes = Annotated[tuple[SceneSize, SceneSize], Field(description="low <= high <= source_size")]
+
+
 class SyntheticSpec(_Section):
     """The built-in `synthetic-objects` scenes: a labelled shape on clutter, plus distractors."""
 
     source_size: Annotated[int, Field(ge=16, le=512)] = 64
     num_classes: Annotated[int, Field(ge=2, le=10)] = 10
-    object_size: tuple[int, int] = (26, 38)
+    object_size: SceneSizes = (26, 38)
     distractors: Annotated[int, Field(ge=0, le=4)] = 0
-    distractor_size: tuple[int, int] = (12, 20)
+    distractor_size: SceneSizes = (12, 20)
     clutter: Annotated[int, Field(ge=0, le=64)] = 12
     # Scales how colourful backgrounds, clutter and objects are. A random colour per image is
     # the easiest instance identity there is: at 1.0 a small model learns colours, not shapes.
@@ -74,15 +114,19 @@ class SyntheticSpec(_Section):
         return self
 
 
+PixelMean = Annotated[float, Field(ge=0.0, le=1.0)]
+PixelStd = Annotated[float, Field(gt=0.0, le=1.0)]
+
+
 class DataSpec(_Section):
     source: Literal["synthetic-objects", "cifar10", "imagefolder", "parquet"] = "synthetic-objects"
     path: str | None = None  # a local path; on Ray, image folders and Parquet may be s3:// or gs:// URIs
     image_column: str = "image"  # parquet: the column of encoded image bytes
     label_column: str | None = "label"  # parquet: the label column (absent or null: unlabelled)
-    num_images: PositiveInt | None = 5000
-    num_test_images: Annotated[int, Field(ge=0)] = 1000
+    num_images: Annotated[int, Field(gt=0, le=MAX_IMAGES)] | None = 5000
+    num_test_images: Annotated[int, Field(ge=0, le=MAX_IMAGES)] = 1000
     image_size: Annotated[int, Field(ge=8, le=1024)] = 32
-    seed: int = 0
+    seed: Seed = 0
     labelled: bool = True
     synthetic: SyntheticSpec = SyntheticSpec()
     # Where the JPEGs of an image folder or Parquet source are decoded: "gpu" on the training
@@ -90,9 +134,11 @@ class DataSpec(_Section):
     # files), which also makes the views there; "cpu" in the loader workers or Ray Data tasks;
     # "auto" = gpu when the training device is a GPU that makes the views.
     decode: Literal["auto", "cpu", "gpu"] = "auto"
-    # ImageNet statistics are a fine default for any natural-ish image source.
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    # ImageNet statistics are a fine default for any natural-ish image source. Both are of pixels
+    # scaled to [0, 1]: their mean lies in [0, 1], their standard deviation is at most 0.5 (the
+    # bound is 1 so that std 1 can mean "do not scale").
+    mean: tuple[PixelMean, PixelMean, PixelMean] = (0.485, 0.456, 0.406)
+    std: tuple[PixelStd, PixelStd, PixelStd] = (0.229, 0.224, 0.225)
 
     @model_validator(mode="after")
     def _path_when_needed(self) -> "DataSpec":
@@ -103,8 +149,6 @@ class DataSpec(_Section):
                              f"not '{self.source}'")
         if self.source == "synthetic-objects" and self.num_images is None:
             raise ValueError("num_images is required for source 'synthetic-objects'")
-        if any(s <= 0 for s in self.std):
-            raise ValueError(f"std must be positive, got {list(self.std)}")
         return self
 
 
@@ -112,13 +156,13 @@ class ModelSpec(_Section):
     backbone: Literal["tiny", "resnet18", "resnet34", "resnet50"] = "tiny"
     cifar_stem: bool = True
     width: Annotated[int, Field(ge=4, le=512)] = 32  # channels of the first stage of `tiny`
-    proj_hidden_dim: PositiveInt = 512
-    proj_dim: PositiveInt = 128
+    proj_hidden_dim: Annotated[int, Field(gt=0, le=MAX_DIM)] = 512
+    proj_dim: Annotated[int, Field(gt=0, le=MAX_DIM)] = 128
 
 
 class LossSpec(_Section):
-    temperature: Annotated[float, Field(ge=0.01, le=10.0)] = 0.2
-    queue_size: Annotated[int, Field(ge=0)] = 4096
+    temperature: Annotated[float, Field(ge=0.01, le=MAX_TEMPERATURE)] = 0.2
+    queue_size: Annotated[int, Field(ge=0, le=MAX_QUEUE, description=_AT_MOST_IMAGES)] = 4096
     momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.99
     momentum_schedule: Literal["constant", "cosine"] = "constant"
     # [choice] LEOCLR.md: which crop keys enter the queue after the step.
@@ -129,22 +173,31 @@ class LossSpec(_Section):
     # How the key encoder's batch norm is kept from leaking: shuffle across workers when
     # distributed, split into sub-batches (after a shuffle) on one worker.
     key_bn: Literal["auto", "shuffle", "split", "none"] = "auto"
-    bn_splits: PositiveInt = 8
+    bn_splits: Annotated[int, Field(gt=0, le=MAX_BN_SPLITS,
+                                    description="with key_bn split: divides optim.batch_size")] = 8
+
+
+# The bounds of each end of a (low, high) pair; the validators below also check low <= high.
+CropScale = Annotated[float, Field(gt=0.0, le=1.0)]
+CropRatio = Annotated[float, Field(gt=0.0, le=MAX_CROP_RATIO)]
+BlurSigma = Annotated[float, Field(ge=1e-3, le=100.0)]  # pixels; beyond 100 every view is one flat colour
+_LOW_HIGH = "low <= high"
+_AT_MOST_IMAGES = "at most data.num_images when it is set"
 
 
 class AugmentSpec(_Section):
     """MoCo-v2's photometric recipe, drawn independently per view (LEOCLR.md)."""
 
-    crop_scale: tuple[float, float] = (0.2, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    brightness: Annotated[float, Field(ge=0.0)] = 0.4
-    contrast: Annotated[float, Field(ge=0.0)] = 0.4
-    saturation: Annotated[float, Field(ge=0.0)] = 0.4
+    crop_scale: Annotated[tuple[CropScale, CropScale], Field(description=_LOW_HIGH)] = (0.2, 1.0)
+    crop_ratio: Annotated[tuple[CropRatio, CropRatio], Field(description=_LOW_HIGH)] = (3 / 4, 4 / 3)
+    brightness: Annotated[float, Field(ge=0.0, le=MAX_JITTER)] = 0.4
+    contrast: Annotated[float, Field(ge=0.0, le=MAX_JITTER)] = 0.4
+    saturation: Annotated[float, Field(ge=0.0, le=MAX_JITTER)] = 0.4
     hue: Annotated[float, Field(ge=0.0, le=0.5)] = 0.1
     jitter_p: Probability = 0.8
     grayscale_p: Probability = 0.2
     blur_p: Probability = 0.5
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_sigma: Annotated[tuple[BlurSigma, BlurSigma], Field(description=_LOW_HIGH)] = (0.1, 2.0)
     flip_p: Probability = 0.5
     # Photometric augmentation (jitter, grayscale, blur) on the original X; flip is separate.
     original_photometric: bool = True
@@ -178,13 +231,13 @@ class AugmentSpec(_Section):
 
 
 class OptimSpec(_Section):
-    epochs: PositiveInt = 20
-    batch_size: Annotated[int, Field(ge=2)] = 256
-    lr: Annotated[float, Field(gt=0.0, le=100.0)] = 0.06
-    weight_decay: Annotated[float, Field(ge=0.0)] = 5e-4
+    epochs: Epochs = 20
+    batch_size: Annotated[int, Field(ge=2, le=MAX_BATCH, description=_AT_MOST_IMAGES)] = 256
+    lr: Annotated[float, Field(gt=0.0, le=MAX_LR)] = 0.06
+    weight_decay: Annotated[float, Field(ge=0.0, le=MAX_WEIGHT_DECAY)] = 5e-4
     momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
     schedule: Literal["cosine", "constant"] = "cosine"
-    warmup_epochs: Annotated[int, Field(ge=0)] = 0
+    warmup_epochs: Annotated[int, Field(ge=0, le=MAX_EPOCHS, description="below optim.epochs")] = 0
 
     @model_validator(mode="after")
     def _warmup(self) -> "OptimSpec":
@@ -194,19 +247,20 @@ class OptimSpec(_Section):
 
 
 class ScalingSpec(_Section):
-    num_workers: PositiveInt = 1
+    num_workers: Annotated[int, Field(gt=0, le=MAX_WORKERS)] = 1
     use_gpu: bool = False
-    cpus_per_worker: Annotated[float, Field(gt=0)] = 1.0
-    gpus_per_worker: Annotated[float, Field(ge=0)] = 1.0
+    cpus_per_worker: CpusPerWorker = 1.0
+    gpus_per_worker: Annotated[float, Field(ge=0, le=MAX_NODE_GPUS)] = 1.0
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     channels_last: Literal["auto", "on", "off"] = "auto"  # auto: on for CUDA
     compile: bool = False
     loader_workers: Annotated[int, Field(ge=0, le=64)] = 0
-    log_every: PositiveInt = 10  # steps between reading the loss back from the device
+    # steps between reading the loss back from the device
+    log_every: Annotated[int, Field(gt=0, le=MAX_STEPS)] = 10
     # Ray only: the Ray Data actor pool that decodes and augments (its size bounds the CPU it takes),
     # and how the training workers are placed (STRICT_SPREAD: one worker per node).
-    data_workers: Annotated[int, Field(ge=1, le=1024)] = 1
-    data_cpus_per_worker: Annotated[float, Field(gt=0)] = 1.0
+    data_workers: Annotated[int, Field(ge=1, le=MAX_WORKERS)] = 1
+    data_cpus_per_worker: CpusPerWorker = 1.0
     # tasks: Ray's pooled worker processes (warm across epochs); actors: a map_batches actor pool,
     # which Ray Data starts afresh every epoch (a process start and a torch import each time).
     data_compute: Literal["tasks", "actors"] = "tasks"
@@ -214,20 +268,22 @@ class ScalingSpec(_Section):
 
 
 class EvalSpec(_Section):
-    knn_every: Annotated[int, Field(ge=0)] = 5  # epochs; 0 = only at the end
-    knn_k: PositiveInt = 200
-    knn_temperature: Annotated[float, Field(gt=0.0)] = 0.1
+    knn_every: Annotated[int, Field(ge=0, le=MAX_EPOCHS)] = 5  # epochs; 0 = only at the end
+    # Not checked against data.num_images: the vote takes min(k, training images) neighbours, and
+    # small specs (tests, the bench) keep the default k with fewer images.
+    knn_k: Annotated[int, Field(gt=0, le=MAX_KNN_K)] = 200
+    knn_temperature: Temperature = 0.1
     linear_probe: bool = False
-    probe_epochs: PositiveInt = 100
-    probe_lr: Annotated[float, Field(gt=0.0)] = 0.1
+    probe_epochs: Epochs = 100
+    probe_lr: Annotated[float, Field(gt=0.0, le=MAX_LR)] = 0.1
 
 
 class CheckpointSpec(_Section):
-    every: PositiveInt = 1  # epochs
-    keep: PositiveInt = 2
+    every: Epochs = 1
+    keep: Annotated[int, Field(gt=0, le=MAX_EPOCHS)] = 2  # never more than one checkpoint an epoch
     resume: bool = True  # continue from the newest checkpoint in the output folder
     # Ray only: worker failures survived by restarting from the newest checkpoint (-1: no limit).
-    max_failures: Annotated[int, Field(ge=-1)] = 3
+    max_failures: Annotated[int, Field(ge=-1, le=MAX_FAILURES)] = 3
     # Ray only: where Ray Train keeps checkpoints; every node must reach it (NFS, s3://, gs://)
     # when workers span nodes. Default: <LEOCLR_DATA_DIR>/ray.
     storage_path: str | None = None
@@ -251,7 +307,7 @@ _NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
 
 class _JobSpec(_Section):
     name: str = "job"
-    seed: int = 0
+    seed: Seed = 0
     output_dir: str | None = None  # default: runs/<name>
 
     @field_validator("name")
@@ -328,13 +384,35 @@ class EvaluateSpec(_JobSpec):
     scaling: ScalingSpec = ScalingSpec()
 
 
+_SEARCHED = "both ends are validated as values of the field searched"
+
+
 class SearchDim(_Section):
     """One dimension of a search space: `choice`/`grid` over `values`, `uniform`/`loguniform` in [low, high]."""
 
     type: Literal["choice", "grid", "uniform", "loguniform"]
-    values: list[Any] | None = None
-    low: float | None = None
-    high: float | None = None
+    values: Annotated[list[Any], Field(max_length=MAX_CHOICES)] | None = None
+    # No bound of their own: both ends are validated as values of the field searched.
+    low: Annotated[float | None, Field(description=_SEARCHED)] = None
+    high: Annotated[float | None, Field(description=_SEARCHED)] = None
+
+    @field_validator("values")
+    @classmethod
+    def _finite(cls, v: list[Any] | None) -> list[Any] | None:
+        # `Any` skips the section's allow_inf_nan: look into the values (and lists of them) here.
+        def bad(x: Any) -> bool:
+            if isinstance(x, float):
+                return not math.isfinite(x)
+            if isinstance(x, (list, tuple)):
+                return any(bad(y) for y in x)
+            if isinstance(x, dict):
+                return any(bad(y) for y in x.values())
+            return False
+
+        for i, x in enumerate(v or ()):
+            if bad(x):
+                raise ValueError(f"values[{i}] ({x}) is not a finite number")
+        return v
 
     @model_validator(mode="after")
     def _shape(self) -> "SearchDim":
@@ -357,8 +435,10 @@ class SearchDim(_Section):
 
 class SchedulerSpec(_Section):
     type: Literal["asha", "none"] = "asha"
-    grace_period: PositiveInt = 1  # epochs every trial runs before it can be stopped
-    reduction_factor: Annotated[float, Field(gt=1.0)] = 2.0
+    # epochs every trial runs before it can be stopped
+    grace_period: Annotated[int, Field(gt=0, le=MAX_EPOCHS,
+                                       description="with asha: at most base.optim.epochs")] = 1
+    reduction_factor: Annotated[float, Field(gt=1.0, le=MAX_REDUCTION_FACTOR)] = 2.0
 
 
 # Spec fields a search may not vary: they name the job or where it lives, not how it trains.
@@ -373,12 +453,14 @@ class TuneSpec(_JobSpec):
     kind: Literal["tune"] = "tune"
     base: PretrainSpec
     space: dict[str, SearchDim]
-    num_samples: PositiveInt = 4  # with grid dimensions: repeats of the whole grid
+    # with grid dimensions: repeats of the whole grid
+    num_samples: Annotated[int, Field(gt=0, le=MAX_TRIALS,
+                                      description=f"times the grid's points at most {MAX_TRIALS} trials")] = 4
     metric: Literal["knn_top1", "loss"] = "knn_top1"
     mode: Literal["max", "min"] | None = None  # default: max for knn_top1, min for loss
     scheduler: SchedulerSpec = SchedulerSpec()
     search: Literal["random", "optuna"] = "random"
-    max_concurrent_trials: PositiveInt = 2
+    max_concurrent_trials: Annotated[int, Field(gt=0, le=MAX_WORKERS)] = 2
     register: RegisterSpec = RegisterSpec()
 
     @property
@@ -396,6 +478,10 @@ class TuneSpec(_JobSpec):
                 self.trial_spec({path: value}, f"space.{path}")
         if self.search == "optuna" and any(d.type == "grid" for d in self.space.values()):
             raise ValueError("search 'optuna' cannot take grid dimensions; use choice, or search 'random'")
+        points = math.prod(len(d.values or ()) for d in self.space.values() if d.type == "grid")
+        if self.num_samples * points > MAX_TRIALS:
+            raise ValueError(f"num_samples ({self.num_samples}) x {points} grid points is "
+                             f"{self.num_samples * points} trials, above the limit of {MAX_TRIALS}")
         if self.scheduler.type == "asha" and self.scheduler.grace_period > self.base.optim.epochs:
             raise ValueError(f"scheduler.grace_period ({self.scheduler.grace_period}) exceeds base.optim.epochs "
                              f"({self.base.optim.epochs}): ASHA could never stop a trial")
