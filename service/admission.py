@@ -111,11 +111,11 @@ class Admission:
                 try:
                     spec = parse_spec(job.spec)
                 except SpecError as exc:  # a row an older version accepted under looser rules
-                    changed.append(store.update(job.id, status="failed", error=f"the stored spec is not valid now: {exc}"))
+                    changed.append(_fail(store, job, f"the stored spec is not valid now: {exc}"))
                     continue
                 reason = self.refusal(spec)
                 if reason is not None:  # accepted while Ray could not be asked, or the cluster shrank
-                    changed.append(store.update(job.id, status="failed", error=f"cannot run on this cluster: {reason}"))
+                    changed.append(_fail(store, job, f"cannot run on this cluster: {reason}"))
                     continue
                 need = job_resources(spec)
                 fits = all(used.get(r, 0.0) + a <= capacity.get(r, 0.0) + 1e-9 for r, a in need.items())
@@ -139,10 +139,14 @@ class Admission:
             first = self._refused_since.setdefault(job.id, time.monotonic())
             if time.monotonic() - first > SUBMIT_TIMEOUT_S:
                 self._refused_since.pop(job.id, None)
-                return store.update(job.id, status="failed", error=f"submission to Ray failed: {exc}")
+                return _fail(store, job, f"submission to Ray failed: {exc}")
             return store.update(job.id, error=f"submission to Ray pending (will retry): {exc}")
         self._refused_since.pop(job.id, None)
         return store.update(job.id, submission_id=submission_id, error=None)
+
+
+def _fail(store: JobStore, job: Job, error: str) -> Job:
+    return store.finish(job.id, "failed", error=error) or store.get(job.id) or job
 
 
 def _needs(job: Job) -> dict[str, float]:

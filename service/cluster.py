@@ -69,7 +69,10 @@ def free_port() -> int:
 
 
 def _ray_env() -> dict[str, str]:
-    return {**os.environ, "RAY_AUTH_MODE": "token"}
+    # The API process reads MLflow with short timeouts (service/tracking.py); a head it restarts must
+    # not pass them on to training drivers, which get their own through the runner.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP_REQUEST_")}
+    return {**env, "RAY_AUTH_MODE": "token"}
 
 
 def ensure_auth_token(ray: str) -> None:

@@ -7,6 +7,10 @@ With no --url it starts `leoclr serve` (a fresh embedded Ray head) on LEOCLR_DAT
 small pretraining job, and measures `GET /v1/jobs/{id}` while that job trains (each read asks Ray
 for the job's status and MLflow for its progress, on the same cores the job trains on), then
 cancels it and measures reads of the finished job and of the job list on an idle machine.
+
+Besides requests/s and latency, each phase says what one request cost in CPU time: in the service
+(its `process_cpu_seconds_total`, from /metrics) and in this client. On a machine where both share
+the cores, those two, not the wall clock, say which side sets the ceiling.
 """
 
 from __future__ import annotations
@@ -61,12 +65,25 @@ async def _hammer(url: str, token: str, path: str, requests: int, concurrency: i
             "p99_ms": round(1000 * latencies[min(n - 1, int(0.99 * n))], 1)}
 
 
+def _server_cpu_s(client: ApiClient) -> float | None:
+    """The service's CPU seconds so far, from its Prometheus metrics (None if it does not say)."""
+    for line in client.http.get("/metrics").text.splitlines():
+        if line.startswith("process_cpu_seconds_total "):
+            return float(line.split()[1])
+    return None
+
+
 def run(client: ApiClient, job_id: str | None, requests: int, concurrency: int, seconds: float) -> list[dict]:
     token = client.http.headers["Authorization"].removeprefix("Bearer ")
     rows = []
 
     def measure(label: str, path: str) -> None:
+        server, mine = _server_cpu_s(client), time.process_time()
         row = {"phase": label, **asyncio.run(_hammer(client.url, token, path, requests, concurrency, seconds))}
+        mine, after = time.process_time() - mine, _server_cpu_s(client)
+        if server is not None and after is not None:
+            row["server_cpu_ms_per_req"] = round(1000 * (after - server) / row["requests"], 3)
+        row["client_cpu_ms_per_req"] = round(1000 * mine / row["requests"], 3)
         rows.append(row)
         print(json.dumps(row), flush=True)
 

@@ -96,21 +96,27 @@ def reconcile_job(store: JobStore, runner: Runner, job: Job, health: RayHealth |
         return job
     if status == job.status:
         return job
-    fields: dict[str, Any] = {"status": status}
-    if status in FINISHED:
-        try:
-            logs = runner.logs(job.submission_id)
-            fields["result"] = last_json_line(logs)
-            if status == "failed":
-                fields["error"] = "\n".join(logs.strip().splitlines()[-20:])
-        except Exception as exc:  # noqa: BLE001
-            log.debug("logs of %s: %s", job.id, exc)
-    return store.update(job.id, **fields)
+    if status not in FINISHED:
+        return store.advance(job.id, status) or store.get(job.id) or job
+    fields: dict[str, Any] = {}
+    try:
+        logs = runner.logs(job.submission_id)
+        fields["result"] = last_json_line(logs)
+        if status == "failed":
+            fields["error"] = "\n".join(logs.strip().splitlines()[-20:])
+    except Exception as exc:  # noqa: BLE001
+        log.debug("logs of %s: %s", job.id, exc)
+    return _finish(store, job, status, **fields)
+
+
+def _finish(store: JobStore, job: Job, status: str, **fields: Any) -> Job:
+    """Finished once: a cancel that landed since this pass read the job is kept, not overwritten."""
+    return store.finish(job.id, status, **fields) or store.get(job.id) or job
 
 
 def _mark_lost(store: JobStore, job: Job, reason: str) -> Job:
     log.warning("job %s (%s) lost: %s", job.id, job.name, reason)
-    return store.update(job.id, status="lost", error=f"lost: {reason}")
+    return _finish(store, job, "lost", error=f"lost: {reason}")
 
 
 def reconcile_once(store: JobStore, runner: Runner, admission: Admission | None = None,
@@ -153,7 +159,3 @@ class Reconciler:
         self.stop_event.set()
         self.thread.join(timeout=10)
 
-
-def submit_job(store: JobStore, runner: Runner, job: Job) -> Job:
-    """Hand one stored job to Ray at once, bypassing the gate (kept while the app is rewired)."""
-    return Admission(runner)._submit(store, job)

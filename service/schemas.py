@@ -2,10 +2,29 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# A registered model's name, as RegisterSpec (leoclr_core/spec.py) lets a job register it.
+MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+# A job's id: the store makes 32 hex digits; the pattern refuses what no id can be before the store sees it.
+JOB_ID = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class ValidationIssue(BaseModel):
+    """One finding of FastAPI's request validation (a query or path parameter, a header)."""
+
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ErrorOut(BaseModel):
+    """Every 4xx/5xx body: a sentence naming what is wrong, or FastAPI's list of validation findings."""
+
+    detail: str | list[ValidationIssue]
 
 
 class Progress(BaseModel):
@@ -42,6 +61,13 @@ class JobOut(BaseModel):
     created_at: datetime
     updated_at: datetime
     spec: dict[str, Any]
+    tracking_error: str | None = Field(
+        None, description="Why progress is missing when MLflow could not be read (unreachable, timed out).")
+
+    @field_validator("created_at", "updated_at")
+    @classmethod
+    def _utc(cls, t: datetime) -> datetime:
+        return t if t.tzinfo else t.replace(tzinfo=timezone.utc)  # SQLite gives naive datetimes back
 
 
 class JobList(BaseModel):

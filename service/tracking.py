@@ -9,8 +9,10 @@ the job that made a version tagged on it.
 from __future__ import annotations
 
 import logging
+import os
 import threading
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
@@ -26,6 +28,28 @@ class NotFound(LookupError):
     pass
 
 
+class Unavailable(RuntimeError):
+    """MLflow could not be read (unreachable, timed out, failing): the job is fine, its progress unknown."""
+
+
+# MLflow's HTTP client waits 120 s per request and retries 7 times with backoff (minutes in all): right
+# for a training driver, which must not lose its metrics, wrong for an API read a user waits on. The
+# API process reads with these instead (MLflow reads them from the environment on each request), unless
+# they were set explicitly.
+API_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+
+
+@contextmanager
+def _reading(what: str) -> Iterator[None]:
+    try:
+        yield
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise NotFound(f"no {what}") from None
+        log.warning("MLflow read of %s failed: %s", what, exc)
+        raise Unavailable(f"MLflow at the tracking URI could not be read: {exc.message}") from None
+
+
 def _num(metrics: dict[str, float], key: str, cast: type = float) -> Any:
     v = metrics.get(key)
     return None if v is None else cast(v)
@@ -34,6 +58,9 @@ def _num(metrics: dict[str, float], key: str, cast: type = float) -> Any:
 class Tracking:
     def __init__(self, tracking_uri: str):
         prepare_sqlite(tracking_uri)
+        if tracking_uri.startswith(("http://", "https://")):
+            for k, v in API_HTTP_ENV.items():
+                os.environ.setdefault(k, v)
         self.uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         self._runs: dict[str, str] = {}  # job id -> run id, found once
@@ -58,7 +85,8 @@ class Tracking:
         return found[0]
 
     def progress(self, job_id: str, experiment: str, spec: dict[str, Any] | None = None) -> dict[str, Any] | None:
-        try:
+        """The job's progress, None before its driver made a run; Unavailable when MLflow cannot say."""
+        with _reading(f"MLflow run of job {job_id}"):
             run = self.run_of(job_id, experiment)
             if run is None:
                 return None
@@ -66,9 +94,6 @@ class Tracking:
             if (spec or {}).get("kind") == "tune":
                 out["trials"] = self.trials(run, spec or {})
             return out
-        except MlflowException as exc:  # tracking briefly unavailable: the job still reads
-            log.warning("MLflow read for job %s failed: %s", job_id, exc)
-            return None
 
     def trials(self, parent: Run, spec: dict[str, Any]) -> dict[str, Any]:
         """A search's trials from its child runs: how many finished, run, were stopped early or
@@ -114,6 +139,10 @@ class Tracking:
 
     def history(self, job_id: str, experiment: str, keys: list[str] | None = None) -> dict[str, Any]:
         """Every logged value of the run's metrics (all of them, or `keys`), oldest first."""
+        with _reading(f"MLflow run of job {job_id}"):
+            return self._history(job_id, experiment, keys)
+
+    def _history(self, job_id: str, experiment: str, keys: list[str] | None) -> dict[str, Any]:
         run = self.run_of(job_id, experiment)
         if run is None:
             raise NotFound(f"job {job_id} has no MLflow run yet")
@@ -146,18 +175,16 @@ class Tracking:
         return sorted(out, key=lambda d: int(d["version"]), reverse=True)
 
     def model(self, name: str) -> dict[str, Any]:
-        try:
+        with _reading(f"registered model {name!r}"):
             rm = self.client.get_registered_model(name)
-        except MlflowException as exc:
-            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-                raise NotFound(f"no registered model {name!r}") from None
-            raise
-        aliases = {k: str(v) for k, v in (rm.aliases or {}).items()}
-        return {"name": rm.name, "description": rm.description, "aliases": aliases,
-                "versions": self._versions(rm.name, aliases)}
+            aliases = {k: str(v) for k, v in (rm.aliases or {}).items()}
+            return {"name": rm.name, "description": rm.description, "aliases": aliases,
+                    "versions": self._versions(rm.name, aliases)}
 
     def models(self) -> list[dict[str, Any]]:
-        return [self.model(rm.name) for rm in self.client.search_registered_models(order_by=["name ASC"])]
+        with _reading("registered models"):
+            names = [rm.name for rm in self.client.search_registered_models(order_by=["name ASC"])]
+        return [self.model(n) for n in names]
 
     def set_alias(self, name: str, alias: str, version: str) -> dict[str, Any]:
         model = self.model(name)
@@ -166,8 +193,10 @@ class Tracking:
                            f"{sorted(int(v['version']) for v in model['versions'])}")
         try:
             self.client.set_registered_model_alias(name, alias, version)
-        except MlflowException as exc:  # MLflow's own rules ("latest", "v3" are reserved)
-            raise ValueError(f"alias {alias!r}: {exc.message}") from None
+        except MlflowException as exc:
+            if exc.error_code != "INVALID_PARAMETER_VALUE":
+                raise Unavailable(f"MLflow could not set the alias: {exc.message}") from None
+            raise ValueError(f"alias {alias!r}: {exc.message}") from None  # MLflow's rules: "latest", "v3" are reserved
         return self.model(name)
 
 

@@ -11,47 +11,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.settings import ServiceSettings
 
-SPEC = {"kind": "pretrain", "name": "api-demo", "data": {"num_images": 512}, "loss": {"queue_size": 128},
-        "optim": {"batch_size": 64}}
-
-
-class FakeRunner:
-    def __init__(self, fail: bool = False):
-        self.submitted, self.stopped, self.fail, self.state = [], [], fail, "running"
-
-    def submit(self, job_id, spec):
-        if self.fail:
-            raise ConnectionError("cluster unreachable")
-        self.submitted.append((job_id, spec))
-        return f"leoclr-{job_id}"
-
-    def status(self, submission_id):
-        return self.state
-
-    def stop(self, submission_id):
-        self.stopped.append(submission_id)
-        return self.state not in ("succeeded", "failed", "cancelled")
-
-    def logs(self, submission_id):
-        return self.log_text
-
-    log_text = ""
-
-    async def tail(self, submission_id):
-        for line in self.log_text.splitlines(keepends=True):
-            yield line
-
-
-@pytest.fixture()
-def make_client(tmp_path):
-    def make(runner=None, **settings):
-        s = ServiceSettings(data_dir=tmp_path, api_token="secret-token", **settings)
-        # fresh_s=0: every read asks the runner, as these tests change its answers between reads
-        return TestClient(create_app(s, runner if runner is not None else FakeRunner(), fresh_s=0))
-    return make
-
-
-AUTH = {"Authorization": "Bearer secret-token"}
+from .fakes import AUTH, SPEC, FakeRunner, make_client  # noqa: F401 - make_client is a fixture
 
 
 def test_submit_stores_and_submits_a_valid_spec(make_client):
@@ -120,26 +80,28 @@ def test_an_idempotency_key_returns_the_same_job(make_client):
 
 
 def test_a_refused_submission_stays_queued_then_fails_with_the_reason(make_client, monkeypatch):
+    import service.admission as admission
     import service.reconcile as reconcile
 
     runner = FakeRunner(fail=True)
     with make_client(runner) as c:
         job = c.post("/v1/jobs", json=SPEC, headers=AUTH).json()
         assert job["status"] == "queued" and "cluster unreachable" in job["error"]
-        monkeypatch.setattr(reconcile, "SUBMIT_TIMEOUT_S", -1.0)  # its time to reach Ray is up
-        reconcile.reconcile_once(c.app.state.store, runner)
+        monkeypatch.setattr(admission, "SUBMIT_TIMEOUT_S", -1.0)  # its time to reach Ray is up
+        reconcile.reconcile_once(c.app.state.store, runner, admission.Admission(runner))
         failed = c.get(f"/v1/jobs/{job['id']}", headers=AUTH).json()
         assert failed["status"] == "failed" and "cluster unreachable" in failed["error"]
 
 
 def test_a_queued_job_is_submitted_once_ray_accepts(make_client):
+    import service.admission as admission
     import service.reconcile as reconcile
 
     runner = FakeRunner(fail=True)
     with make_client(runner) as c:
         job = c.post("/v1/jobs", json=SPEC, headers=AUTH).json()
         runner.fail = False
-        reconcile.reconcile_once(c.app.state.store, runner)
+        reconcile.reconcile_once(c.app.state.store, runner, admission.Admission(runner))
         assert runner.submitted[0][0] == job["id"]
         assert c.get(f"/v1/jobs/{job['id']}", headers=AUTH).json()["error"] is None
 
@@ -352,6 +314,7 @@ def test_prometheus_metrics_count_requests_and_jobs(make_client):
         text = c.get("/metrics", headers=AUTH).text
         assert 'leoclr_jobs{kind="pretrain",status="queued"} 1.0' in text
         assert 'leoclr_http_requests_total{method="GET",route="/v1/jobs/{job_id}",status="404"} 1.0' in text
+        assert "process_cpu_seconds_total " in text  # what service.loadtest reads a request's cost from
 
 
 @pytest.fixture()

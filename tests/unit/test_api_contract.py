@@ -1,0 +1,186 @@
+"""The REST API keeps the promises its OpenAPI document makes: statuses, bodies, auth, races, outages.
+
+Each test here is a defect a review of the service found (a 500, an undocumented answer, a lost
+race), kept so it cannot come back.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+
+import jsonschema
+import pytest
+
+from leoclr_core.spec import KINDS
+from service.store import STATUSES
+from service.tracking import API_HTTP_ENV
+
+from .fakes import AUTH, SPEC, FakeRunner, make_client  # noqa: F401 - make_client is a fixture
+
+
+def _declared(doc: dict, method: str, path: str, code: int) -> dict:
+    """The schema the OpenAPI document declares for this answer (fails if the status is undocumented)."""
+    responses = doc["paths"][path][method]["responses"]
+    assert str(code) in responses, f"{method.upper()} {path} answers {code}, which it does not document"
+    schema = responses[str(code)]["content"]["application/json"]["schema"]
+    return {**schema, "components": doc["components"]}
+
+
+def _conforms(doc: dict, method: str, path: str, r) -> None:
+    schema = _declared(doc, method, path, r.status_code)
+    jsonschema.validate(r.json(), schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+
+
+def test_a_blank_or_odd_model_name_is_422_not_500(make_client):
+    with make_client() as c:
+        for name in ("%20", "a%00b", "-leading-dash"):
+            r = c.get(f"/v1/models/{name}", headers=AUTH)
+            assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["path", "name"], (name, r.text)
+        assert c.get("/v1/models/no-such-model", headers=AUTH).status_code == 404
+
+
+def test_a_page_offset_past_what_a_database_holds_is_422_not_500(make_client):
+    with make_client() as c:
+        r = c.get("/v1/jobs", params={"offset": "99999999999999999999"}, headers=AUTH)
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "offset"], r.text
+        assert c.get("/v1/jobs", params={"offset": 2**31 - 1}, headers=AUTH).json()["items"] == []
+
+
+def test_both_timestamps_are_utc_aware_date_times(make_client):
+    with make_client() as c:
+        c.post("/v1/jobs", json=SPEC, headers=AUTH)
+        doc = c.get("/openapi.json").json()
+        r = c.get("/v1/jobs", headers=AUTH)
+        _conforms(doc, "get", "/v1/jobs", r)
+        [job] = r.json()["items"]
+        r = c.get(f"/v1/jobs/{job['id']}", headers=AUTH)
+        _conforms(doc, "get", "/v1/jobs/{job_id}", r)
+        for view in (job, r.json()):
+            for field in ("created_at", "updated_at"):
+                assert datetime.fromisoformat(view[field]).utcoffset() is not None, (field, view[field])
+
+
+def test_every_error_answer_is_documented_with_the_body_it_has(make_client):
+    runner = FakeRunner(fail=False)
+    with make_client(runner, max_body_bytes=2000) as c:
+        doc = c.get("/openapi.json").json()
+        job = c.post("/v1/jobs", json=SPEC, headers=AUTH).json()
+        c.post(f"/v1/jobs/{job['id']}/cancel", headers=AUTH)
+        answers = [
+            ("post", "/v1/jobs", c.post("/v1/jobs", json={**SPEC, "optim": {"lr": -1}}, headers=AUTH), 422),
+            ("post", "/v1/jobs", c.post("/v1/jobs", content=b"[1]", headers={**AUTH, "Content-Type": "application/json"}), 422),
+            ("post", "/v1/jobs", c.post("/v1/jobs", json={**SPEC, "pad": "y" * 5000}, headers=AUTH), 413),
+            ("post", "/v1/jobs", c.post("/v1/jobs", json=SPEC), 401),
+            ("get", "/v1/jobs", c.get("/v1/jobs", params={"status": "bogus"}, headers=AUTH), 422),
+            ("get", "/v1/jobs/{job_id}", c.get("/v1/jobs/nope", headers=AUTH), 404),
+            ("post", "/v1/jobs/{job_id}/cancel", c.post(f"/v1/jobs/{job['id']}/cancel", headers=AUTH), 409),
+            ("get", "/v1/jobs/{job_id}/logs", c.get("/v1/jobs/nope/logs", headers=AUTH), 404),
+            ("get", "/v1/models/{name}", c.get("/v1/models/nope", headers=AUTH), 404),
+            ("get", "/metrics", c.get("/metrics"), 401),
+        ]
+        for method, path, r, code in answers:
+            assert r.status_code == code, (method, path, r.status_code, r.text)
+            _conforms(doc, method, path, r)
+        for path, methods in doc["paths"].items():
+            for method, op in methods.items():
+                if path not in ("/healthz", "/readyz"):
+                    assert "401" in op["responses"] and op["security"] == [{"HTTPBearer": []}], (method, path)
+        assert doc["components"]["securitySchemes"]["HTTPBearer"] == {
+            "type": "http", "scheme": "bearer", "description": doc["components"]["securitySchemes"]["HTTPBearer"]
+            ["description"]}
+
+
+def test_status_and_kind_filters_say_what_they_accept(make_client):
+    with make_client() as c:
+        params = {p["name"]: p["schema"] for p in c.get("/openapi.json").json()["paths"]["/v1/jobs"]["get"]["parameters"]}
+        for name, values in (("status", STATUSES), ("kind", KINDS)):
+            [choice] = [s for s in params[name]["anyOf"] if s.get("type") == "string"]
+            assert set(choice["enum"]) == set(values), (name, choice)
+        assert c.get("/v1/jobs", params={"kind": ""}, headers=AUTH).status_code == 422
+        assert c.get("/v1/jobs", params={"status": "lost", "kind": "tune"}, headers=AUTH).json()["total"] == 0
+
+
+def test_an_idempotency_key_reused_for_another_spec_is_422_naming_it(make_client):
+    runner = FakeRunner()
+    with make_client(runner) as c:
+        h = {**AUTH, "Idempotency-Key": "key-42"}
+        first = c.post("/v1/jobs", json=SPEC, headers=h)
+        assert first.status_code == 201
+        r = c.post("/v1/jobs", json={**SPEC, "name": "something-else"}, headers=h)
+        assert r.status_code == 422 and "key-42" in r.json()["detail"] and first.json()["id"] in r.json()["detail"]
+        # the same spec again, written differently (a default spelled out): the same job
+        again = c.post("/v1/jobs", json={"method": "leoclr", **SPEC}, headers=h)
+        assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
+        assert len(runner.submitted) == 1 and c.get("/v1/jobs", headers=AUTH).json()["total"] == 1
+
+
+class RacingRunner(FakeRunner):
+    """Holds each stop until `parties` cancels are all past their status check, as concurrent requests are."""
+
+    def __init__(self, parties: int):
+        super().__init__()
+        self.barrier = threading.Barrier(parties, timeout=30)
+
+    def stop(self, submission_id):
+        self.barrier.wait()
+        return super().stop(submission_id)
+
+
+def test_of_concurrent_cancels_of_one_job_exactly_one_succeeds(make_client):
+    runner = RacingRunner(4)
+    with make_client(runner) as c:
+        job = c.post("/v1/jobs", json=SPEC, headers=AUTH).json()
+        with ThreadPoolExecutor(4) as pool:
+            codes = list(pool.map(lambda _: c.post(f"/v1/jobs/{job['id']}/cancel", headers=AUTH).status_code,
+                                  range(4)))
+        assert sorted(codes) == [200, 409, 409, 409], codes
+        assert c.get(f"/v1/jobs/{job['id']}", headers=AUTH).json()["status"] == "cancelled"
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b'{"kind": "nope"}', b"x" * 5000])
+def test_a_request_without_the_token_is_401_whatever_its_body(make_client, body):
+    with make_client(max_body_bytes=1000) as c:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic c2VjcmV0LXRva2Vu"}):
+            r = c.post("/v1/jobs", content=body, headers={**headers, "Content-Type": "application/json"})
+            assert r.status_code == 401 and r.json() == {"detail": "missing or wrong bearer token"}, r.text
+            assert r.headers["www-authenticate"] == "Bearer"
+        assert c.post("/v1/jobs", content=body, headers={**AUTH, "Content-Type": "application/json"}).status_code in (
+            413, 422)
+
+
+@pytest.fixture()
+def api_env():
+    """The MLflow settings Tracking puts in the process's environment, put back as they were."""
+    saved = {k: os.environ.get(k) for k in API_HTTP_ENV}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(120)  # MLflow's own defaults would retry for minutes: this read must not
+def test_a_job_reads_while_mlflow_is_unreachable_and_says_why(make_client, api_env):
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    with make_client(mlflow_tracking_uri=uri) as c:
+        doc = c.get("/openapi.json").json()
+        job = c.post("/v1/jobs", json=SPEC, headers=AUTH).json()
+        r = c.get(f"/v1/jobs/{job['id']}", headers=AUTH)
+        assert r.status_code == 200 and r.json()["status"] == "running" and r.json()["progress"] is None
+        assert "MLflow" in r.json()["tracking_error"] and "127.0.0.1" in r.json()["tracking_error"], r.json()
+        _conforms(doc, "get", "/v1/jobs/{job_id}", r)
+        for path, r in (("/v1/models", c.get("/v1/models", headers=AUTH)),
+                        ("/v1/jobs/{job_id}/metrics", c.get(f"/v1/jobs/{job['id']}/metrics", headers=AUTH))):
+            assert r.status_code == 503 and "MLflow" in r.json()["detail"], (path, r.text)
+            _conforms(doc, "get", path, r)
