@@ -198,7 +198,9 @@ def _pretrain_on_ray(spec: PretrainSpec, out: Path) -> tuple[dict, dict]:
              "restarts": run.restarts,
              "epochs_redone": run.epochs_redone, "resumed_from": run.resumed_from, "seconds": round(run.seconds, 1),
              "model_uri": enc.model_uri if enc else None, "registry_uri": enc.registry_uri if enc else None,
-             "model_version": enc.version if enc else None}
+             "model_version": enc.version if enc else None, "already_finished": run.already_finished}
+    if run.note:
+        console.print(f"[yellow]{run.note}[/yellow]")
     console.print(f"MLflow run {run.run_id}; checkpoints in {run.storage}; {run.seconds:.0f} s"
                   + (f"; survived {run.restarts} restart(s), {run.epochs_redone} epoch(s) redone" if run.restarts else ""))
     return run.state.final, extra
@@ -282,11 +284,15 @@ def _tune(spec: TuneSpec, out: Path) -> None:
         table.add_row(str(i), r["trial"], *(f"{r[p]:.4g}" if isinstance(r[p], float) else str(r[p]) for p in spec.space),
                       f"{v:.3f}" if isinstance(v, float) else "-", str(r["epochs"]), "yes" if r["stopped_early"] else "")
     console.print(table)
+    if run.note:
+        console.print(f"[yellow]{run.note}[/yellow]")
     console.print(f"MLflow parent run {run.run_id} (trials.csv, trials.png); {run.seconds:.0f} s; "
                   f"{run.stopped_early} trial(s) stopped early")
     enc = run.encoder
     if enc is not None and enc.registry_uri:
         console.print(f"best trial {run.best['trial']}: registered [bold]{enc.registry_uri}[/bold] (version {enc.version})")
+    elif enc is not None and enc.version:  # a finished search's version, whose alias has moved on since
+        console.print(f"best trial {run.best['trial']}: registered as models:/{enc.name}/{enc.version}")
     elif run.best is None:
         console.print("[yellow]no trial finished all its epochs with a metric: nothing registered[/yellow]")
     best = run.best or {}
@@ -295,7 +301,10 @@ def _tune(spec: TuneSpec, out: Path) -> None:
         "trials": len(run.table), "stopped_early": run.stopped_early, "best_trial": best.get("trial"),
         f"best_{spec.metric}": best.get(spec.metric), spec.metric: best.get(spec.metric),
         "registry_uri": enc.registry_uri if enc else None, "model_version": enc.version if enc else None,
-        "table": run.table}, default=str))
+        "already_finished": run.already_finished, "storage": run.storage, "table": run.table}, default=str))
+
+
+DRIVER_MLFLOW_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
 @app.command()
@@ -308,6 +317,7 @@ def serve(
     RAY_ADDRESS. Embedded defaults: a Ray head on 127.0.0.1 started (or found again) for it, and
     restarted if it dies; MLflow and the job store on SQLite under LEOCLR_DATA_DIR. A cluster that
     does not answer yet is no reason to stop: jobs wait `queued` and /readyz says 503 until it does."""
+    import os
     import sys
 
     import uvicorn
@@ -323,6 +333,10 @@ def serve(
     env = {"LEOCLR_DATA_DIR": str(s.home), "MLFLOW_TRACKING_URI": s.tracking_uri}
     if s.storage_path:
         env["LEOCLR_STORAGE_PATH"] = s.storage_path
+    # MLflow's client retries a tracking server that is gone for many minutes by default (7 retries
+    # with backoff, 120 s a request): a job whose server went away would look alive for that long.
+    for name, value in DRIVER_MLFLOW_HTTP.items():
+        env[name] = os.environ.get(name, value)
     if s.ray_jobs_address:
         runner = RayJobsRunner(s.ray_jobs_address, env=env)
         console.print(f"Ray Jobs API: {s.ray_jobs_address}")

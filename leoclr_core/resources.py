@@ -22,15 +22,20 @@ def augments_on_worker(spec: PretrainSpec) -> bool:
     return aug.device == "gpu" or (aug.device == "auto" and (spec.scaling.use_gpu or device_decode))
 
 
-def pretrain_cpus(spec: PretrainSpec) -> float:
-    """Logical CPUs a pretrain job asks of Ray: its training workers, one for Ray Data's read and
-    decode tasks, and, unless the workers make the views, its view workers (which hold theirs for
-    the whole epoch)."""
+def data_bundles(spec: PretrainSpec) -> list[dict[str, float]]:
+    """The CPUs a pretrain job reserves for its Ray Data tasks before its training workers start
+    (a placement group, held for the whole job): one per view worker unless the training workers
+    make the views, and one for reading and decoding."""
     s = spec.scaling
-    need = s.num_workers * s.cpus_per_worker + 1
-    if not augments_on_worker(spec):
-        need += s.data_workers * s.data_cpus_per_worker
-    return need
+    views = [] if augments_on_worker(spec) else [{"CPU": s.data_cpus_per_worker}] * s.data_workers
+    return [*views, {"CPU": 1.0}]
+
+
+def pretrain_cpus(spec: PretrainSpec) -> float:
+    """Logical CPUs a pretrain job asks of Ray: its training workers and its data bundles
+    (`data_bundles`). A cluster with exactly this many runs it to its end."""
+    s = spec.scaling
+    return s.num_workers * s.cpus_per_worker + sum(b["CPU"] for b in data_bundles(spec))
 
 
 def per_trial_cpus(spec: TuneSpec) -> float:
@@ -43,15 +48,10 @@ def job_resources(spec: Any) -> dict[str, float]:
         sc = spec.scaling
         return {"CPU": sc.cpus_per_worker, "GPU": sc.gpus_per_worker if sc.use_gpu else 0.0}
     if spec.kind == "tune":
+        # The search's own loop (Tune's controller) runs in the job's driver, which holds no CPU.
         sc, n = spec.base.scaling, spec.max_concurrent_trials
-        return {"CPU": n * per_trial_cpus(spec) + 1,
+        return {"CPU": n * per_trial_cpus(spec),
                 "GPU": n * sc.num_workers * sc.gpus_per_worker if sc.use_gpu else 0.0}
     sc = spec.scaling
     return {"CPU": pretrain_cpus(spec), "GPU": sc.num_workers * sc.gpus_per_worker if sc.use_gpu else 0.0}
 
-
-def largest_unit(spec: Any) -> dict[str, float]:
-    """The most one node must hold for the job to be placed at all: one training worker (with
-    PACK, Ray may spread workers over nodes, but never splits one)."""
-    sc = spec.base.scaling if spec.kind == "tune" else spec.scaling
-    return {"CPU": sc.cpus_per_worker, "GPU": sc.gpus_per_worker if sc.use_gpu else 0.0}

@@ -20,7 +20,7 @@ from typing import Any
 import mlflow
 import numpy as np
 import torch
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Metric, Param, Run, RunStatus
 from mlflow.tracking import MlflowClient
 
 from . import contract
@@ -71,26 +71,50 @@ def _log_params(c: MlflowClient, run_id: str, spec: Any) -> None:
         c.log_batch(run_id, params=params[i:i + 100])
 
 
+def latest_job_run(spec: Any, storage: str, *, settings: CoreSettings | None = None,
+                   experiment: str | None = None) -> Run | None:
+    """The newest MLflow run of job `spec.name` with Ray storage path `storage` in this tracking
+    store (None: none here), whatever its status."""
+    c = client(settings)
+    exp = c.get_experiment_by_name(experiment or spec.name)
+    if exp is None:
+        return None
+    found = c.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`{TAG_JOB}` = '{spec.name}' and tags.`{TAG_STORAGE}` = '{storage}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return found[0] if found else None
+
+
+def is_finished(run: Run | None) -> bool:
+    return run is not None and run.info.status == RunStatus.to_string(RunStatus.FINISHED)
+
+
+def claim_run(run_id: str, settings: CoreSettings | None = None) -> None:
+    """Tag a run that a resubmitted job continues, or returns as its result, with the service's new
+    job id, so that the service finds it by that id."""
+    c = client(settings)
+    for k, v in _service_tags().items():
+        c.set_tag(run_id, k, v)
+
+
 def start_job_run(spec: Any, storage: str, *, settings: CoreSettings | None = None,
                   extra_tags: dict[str, str] | None = None, experiment: str | None = None) -> str:
     """The MLflow run of a pretrain (or tune) job: the unfinished run of the same job name and
     storage path when the job resumes (so a resumed job continues its run), else a new one with the
-    spec as params. `experiment`: default the job's name (a search's trials go into the search's)."""
+    spec as params. `experiment`: default the job's name (a search's trials go into the search's).
+    (A job whose run FINISHED is not run again by its driver: it returns that run's result.)"""
     c = client(settings)
     exp = ensure_experiment(c, experiment or spec.name, settings)
     resume = getattr(getattr(spec, "checkpoint", None), "resume", True)
     if resume:
-        found = c.search_runs(
-            [exp],
-            filter_string=f"tags.`{TAG_JOB}` = '{spec.name}' and tags.`{TAG_STORAGE}` = '{storage}'",
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
-        )
-        if found and found[0].info.status != RunStatus.to_string(RunStatus.FINISHED):
-            run_id = found[0].info.run_id
+        found = latest_job_run(spec, storage, settings=settings, experiment=experiment)
+        if found is not None and not is_finished(found):
+            run_id = found.info.run_id
             c.update_run(run_id, status="RUNNING")
-            for k, v in _service_tags().items():  # a resubmitted job: the service finds it by its new id
-                c.set_tag(run_id, k, v)
+            claim_run(run_id, settings)
             return run_id
     tags = {TAG_JOB: spec.name, TAG_KIND: spec.kind, TAG_STORAGE: storage, **_service_tags(), **(extra_tags or {})}
     run = c.create_run(exp, run_name=spec.name, tags=tags)
@@ -220,6 +244,11 @@ def log_encoder(
     process that has torch, torchvision, pydantic and pyyaml but not this project.
     """
     c = client(settings)
+    done = registered_version(run_id, register, settings=settings)
+    if done is not None and done.version is not None:
+        # Logged and registered before, by a driver that died before it closed the run: the same
+        # version, not a second one with the same weights.
+        return _register(c, run_id, register, done.version, metrics or {})
     encoder = ImageEncoder(backbone.cpu().eval(), data.mean, data.std, data.image_size).eval()
     size = data.image_size
     example = np.random.default_rng(0).random((2, 3, size, size), dtype=np.float32)
@@ -241,42 +270,63 @@ def log_encoder(
                       "backbone": model.backbone, "input": "float32 (N, 3, H, W) in [0, 1]"},
             registered_model_name=register.model_name,
         )
-    out = RegisteredEncoder(model_uri=f"runs:/{run_id}/{ENCODER_ARTIFACT}")
-    if register.model_name:
-        version = str(info.registered_model_version)
-        c.set_registered_model_alias(register.model_name, register.alias, version)
-        for k, v in (metrics or {}).items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                c.set_model_version_tag(register.model_name, version, f"metric.{k}", str(v))
-        c.set_model_version_tag(register.model_name, version, contract.TAG_RUN_ID, run_id)
-        for k, v in _service_tags().items():
-            c.set_model_version_tag(register.model_name, version, k, v)
-        c.update_model_version(
-            register.model_name, version,
-            description=(f"LeOCLR {model.backbone} encoder. Load with mlflow.pytorch.load_model("
-                         f"'models:/{register.model_name}@{register.alias}'); input float32 (N, 3, {size}, {size}) "
-                         "in [0, 1], output backbone features."),
-        )
-        out = RegisteredEncoder(out.model_uri, register.model_name, version, register.alias)
-    return out
+    if not register.model_name:
+        return RegisteredEncoder(model_uri=f"runs:/{run_id}/{ENCODER_ARTIFACT}")
+    version = str(info.registered_model_version)
+    c.update_model_version(
+        register.model_name, version,
+        description=(f"LeOCLR {model.backbone} encoder. Load with mlflow.pytorch.load_model("
+                     f"'models:/{register.model_name}@{register.alias}'); input float32 (N, 3, {size}, {size}) "
+                     "in [0, 1], output backbone features."),
+    )
+    return _register(c, run_id, register, version, metrics or {})
+
+
+def _register(c: MlflowClient, run_id: str, register: RegisterSpec, version: str,
+              metrics: dict[str, Any]) -> RegisteredEncoder:
+    """Point the alias at `version` and tag it with the run's metrics, the run, and the job."""
+    name = str(register.model_name)
+    c.set_registered_model_alias(name, register.alias, version)
+    tags = {f"metric.{k}": str(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for k, v in {**tags, contract.TAG_RUN_ID: run_id, **_service_tags()}.items():
+        c.set_model_version_tag(name, version, k, v)
+    return RegisteredEncoder(f"runs:/{run_id}/{ENCODER_ARTIFACT}", name, version, register.alias)
 
 
 def register_logged_encoder(run_id: str, register: RegisterSpec, metrics: dict[str, Any],
                             settings: CoreSettings | None = None) -> RegisteredEncoder:
     """Register the encoder a run already logged (a search's best trial) under `register`, with the
-    alias, its metrics as version tags, and the job that asked for it."""
+    alias, its metrics as version tags, and the job that asked for it. A run registered before
+    keeps its version: no second version of the same encoder."""
     c = client(settings)
+    if not register.model_name:
+        return RegisteredEncoder(model_uri=f"runs:/{run_id}/{ENCODER_ARTIFACT}")
+    done = registered_version(run_id, register, settings=settings)
+    version = done.version if done is not None and done.version else str(
+        mlflow.register_model(f"runs:/{run_id}/{ENCODER_ARTIFACT}", register.model_name).version)
+    return _register(c, run_id, register, version, metrics)
+
+
+def registered_version(run_id: str, register: RegisterSpec,
+                       settings: CoreSettings | None = None) -> RegisteredEncoder | None:
+    """What a finished job registered from run `run_id` (read only): its first version of
+    `register.model_name`, with the alias only while the alias still points at it (someone may
+    have moved it since). None: nothing registered from that run. A spec without a model name:
+    the run's logged encoder."""
     source = f"runs:/{run_id}/{ENCODER_ARTIFACT}"
     if not register.model_name:
         return RegisteredEncoder(model_uri=source)
-    mv = mlflow.register_model(source, register.model_name)
-    version = str(mv.version)
-    c.set_registered_model_alias(register.model_name, register.alias, version)
-    tags = {f"metric.{k}": str(v) for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    for k, v in {**tags, contract.TAG_RUN_ID: run_id, **_service_tags()}.items():
-        c.set_model_version_tag(register.model_name, version, k, v)
-    return RegisteredEncoder(source, register.model_name, version, register.alias)
+    c = client(settings)
+    versions = c.search_model_versions(f"name = '{register.model_name}' and run_id = '{run_id}'")
+    if not versions:
+        return None
+    version = str(min(int(v.version) for v in versions))
+    try:
+        aliased = str(c.get_model_version_by_alias(register.model_name, register.alias).version)
+    except mlflow.exceptions.MlflowException:  # no such alias (any more)
+        aliased = None
+    return RegisteredEncoder(source, register.model_name, version, register.alias if aliased == version else None)
 
 
 def resolve_version(uri: str, settings: CoreSettings | None = None) -> tuple[str, str] | None:

@@ -39,7 +39,7 @@ def _explain(spec: Any, resource: str) -> str:
         parts = f"scaling.num_workers {sc.num_workers} x scaling.cpus_per_worker {sc.cpus_per_worker:g}"
         if spec.kind != "evaluate":
             parts += (f", plus scaling.data_workers {sc.data_workers} x scaling.data_cpus_per_worker "
-                      f"{sc.data_cpus_per_worker:g} when CPUs make the views, plus 1 for Ray Data's reads")
+                      f"{sc.data_cpus_per_worker:g} when CPU workers make the views, plus 1 for Ray Data's reads")
     if spec.kind == "tune":
         return f"max_concurrent_trials {spec.max_concurrent_trials} trials of base.({parts})"
     return parts

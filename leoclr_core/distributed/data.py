@@ -19,6 +19,10 @@ their file bytes and each worker decodes its batch on its device as the in-proce
 (`jpeg.decode_resize_batch`: nvJPEG on CUDA): decoding, the costliest part of the input, leaves
 the CPUs.
 
+The driver runs the stream inside a placement group that holds the job's data CPUs
+(`resources.data_bundles`): its tasks and actors run only there, and training workers, the
+job's own or another job's, can never take those CPUs.
+
 Ray Data's streaming executor holds back upstream operators when downstream ones fall behind,
 so memory stays bounded by its object-store budget, not by the dataset. Corrupt files are
 dropped at decode time and counted by a small actor (their distinct paths, so a file seen again
@@ -39,6 +43,8 @@ import pyarrow as pa
 import ray
 import ray.train
 import torch
+from ray.util.placement_group import PlacementGroup
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .. import dist
 from ..augment import BatchedViews
@@ -216,9 +222,13 @@ def make_views(batch: dict[str, np.ndarray], spec_json: dict[str, Any], threads:
     return _MAKERS[key](batch)
 
 
-def build_dataset(spec: PretrainSpec, counter: Any | None = None) -> tuple[ray.data.Dataset, int]:
-    """The training stream of `spec` and the number of images it holds (before unreadable ones)."""
+def build_dataset(spec: PretrainSpec, counter: Any | None = None,
+                  placement_group: PlacementGroup | None = None) -> tuple[ray.data.Dataset, int]:
+    """The training stream of `spec` and the number of images it holds (before unreadable ones).
+    With a placement group (the job's data CPUs), every task and actor of the stream runs in it."""
     d = spec.data
+    inside = {} if placement_group is None else {
+        "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group)}
     if d.source == "imagefolder":
         size = resize_for_batching(d)
         if is_uri(d.path):  # type: ignore[arg-type]
@@ -229,19 +239,21 @@ def build_dataset(spec: PretrainSpec, counter: Any | None = None) -> tuple[ray.d
             folder = ImageFolder(d.path, "train", labelled=False, num_images=d.num_images,  # type: ignore[arg-type]
                                  num_test=d.num_test_images, seed=d.seed)
             paths = [str(p) for p in folder.files]
-        ds = ray.data.read_binary_files(paths, include_paths=True)
+        ds = ray.data.read_binary_files(paths, include_paths=True, ray_remote_args=inside or None)
         ds = ds.map_batches(keep_jpegs if decodes_on_worker(spec) else decode_batch,
-                            fn_kwargs={"size": size, "counter": counter}, batch_size=64)
+                            fn_kwargs={"size": size, "counter": counter}, batch_size=64, **inside)
         n = len(paths)
     elif d.source == "parquet":
         size = resize_for_batching(d)
         where = d.path if is_uri(d.path) else str(parquet_split_paths(d.path)[0])  # type: ignore[arg-type]
-        ds = ray.data.read_parquet(where).select_columns([d.image_column])  # projection pushed into the read
+        # The projection is pushed into the read.
+        ds = ray.data.read_parquet(where, ray_remote_args=inside or None).select_columns([d.image_column])
         if d.num_images is not None:
             ds = ds.limit(d.num_images)
         n = ds.count()  # from the files' metadata
         ds = ds.map_batches(keep_jpegs if decodes_on_worker(spec) else decode_batch,
-                            fn_kwargs={"size": size, "counter": counter, "column": d.image_column}, batch_size=64)
+                            fn_kwargs={"size": size, "counter": counter, "column": d.image_column}, batch_size=64,
+                            **inside)
     else:
         images = as_hwc_array(job_source(d, "train"))
         n = len(images)
@@ -251,7 +263,8 @@ def build_dataset(spec: PretrainSpec, counter: Any | None = None) -> tuple[ray.d
     if not augment_on_worker(spec):
         s = spec.scaling
         args = {"spec_json": spec.model_dump(mode="json"), "threads": int(s.data_cpus_per_worker)}
-        common = {"num_cpus": s.data_cpus_per_worker, "batch_size": max(32, spec.optim.batch_size // s.num_workers)}
+        common = {"num_cpus": s.data_cpus_per_worker, "batch_size": max(32, spec.optim.batch_size // s.num_workers),
+                  **inside}
         if s.data_compute == "actors":
             ds = ds.map_batches(MakeViews, fn_constructor_kwargs=args,
                                 compute=ray.data.ActorPoolStrategy(size=s.data_workers), **common)

@@ -10,10 +10,25 @@ Fault tolerance is Ray Train's: a dead worker fails the worker group, which rest
 `checkpoint.max_failures` times) from the newest reported checkpoint. A loss that stops being
 finite is not retried: the workers end, and the driver raises FloatingPointError naming the step.
 Re-running a job with the same name and storage path resumes it (Ray Train v2).
+
+Re-running a job that already trained all its epochs trains nothing (`RayRun.note` says which):
+- its MLflow run FINISHED in this tracking store: that run is its result, returned as it is (the
+  same run, k-NN and registered version; no second version of the same weights);
+- its final checkpoint is in the storage but this store has no finished run of it (a driver
+  that died between training and registering, or MLFLOW_TRACKING_URI now names another store):
+  the result is made again from that checkpoint into this store's run (the encoder logged and
+  registered once there; the per-step history stays where the training logged it);
+- its checkpoints are gone: it trains afresh, in a new MLflow run.
+
+The data pipeline holds its CPUs from the start: a placement group of the Ray Data share of
+`resources.job_resources` (its view workers and one CPU for reads and decoding) that Ray Data's
+tasks run in, with Ray Data's resource limits set to it. Training workers (this job's or another's)
+can never take them, so a job placed on exactly the CPUs it asks for runs to its end.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import tempfile
@@ -28,9 +43,11 @@ import ray.train
 import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
 from .. import dist, tracking
 from ..checkpoint import atomic_save, load_checkpoint
+from ..resources import data_bundles
 from ..engine import Runtime
 from ..methods import MomentumMethod
 from ..settings import CoreSettings, core_settings
@@ -185,6 +202,8 @@ class RayRun:
     records: list[dict[str, Any]] = field(default_factory=list)
     worker_nodes: list[str] = field(default_factory=list)  # node id of each worker, by rank
     resumed_from: list[int] = field(default_factory=list)  # completed epochs each restart resumed after
+    already_finished: bool = False  # the job had trained all its epochs before this call: nothing trained
+    note: str | None = None  # how a re-run of a finished job was answered, for people
 
 
 def _read_records(path: Path) -> list[dict[str, Any]]:
@@ -296,11 +315,15 @@ def run_pretrain(
     experiment: str | None = None,
     run_tags: dict[str, str] | None = None,
     train_callbacks: list[Any] | None = None,
+    data_placement: PlacementGroup | None = None,
 ) -> RayRun:
     """Run `spec` on the connected Ray cluster (`ray.init` done by the caller); blocks until done.
 
-    A Tune trial passes the search's MLflow `experiment` and `run_tags` (its parent run) and
-    `train_callbacks` (Tune's report callback, so each epoch's record reaches the scheduler)."""
+    A Tune trial passes the search's MLflow `experiment` and `run_tags` (its parent run),
+    `train_callbacks` (Tune's report callback, so each epoch's record reaches the scheduler) and
+    `data_placement`, its own placement group, which holds its data bundles (Tune removes it with
+    the trial, also when it stops the trial early; a group this function made would outlive a
+    trial killed that way). Without one, the data CPUs are reserved here for the run."""
     s = settings or core_settings()
     cb = callbacks or Callbacks()
     out = Path(out_dir) if out_dir else spec.out_dir
@@ -308,12 +331,54 @@ def run_pretrain(
     storage = resolve_storage(spec.checkpoint.storage_path or s.ray_storage)
     # Ray Train v2 resumes a run re-run under the same name and storage; resume: false gets a fresh name.
     run_name = spec.name if spec.checkpoint.resume else f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_id = tracking.start_job_run(spec, f"{storage}/{run_name}", settings=s, experiment=experiment,
-                                    extra_tags=run_tags)
+    path = f"{storage}/{run_name}"
+    trained = final_checkpoint(spec, path) if spec.checkpoint.resume else None
+    note = None
+    if trained is not None:
+        prior = tracking.latest_job_run(spec, path, settings=s, experiment=experiment)
+        if tracking.is_finished(prior):
+            return _finished(spec, out, trained, prior.info.run_id, path, s, started)  # type: ignore[union-attr]
+    elif spec.checkpoint.resume and tracking.is_finished(
+            tracking.latest_job_run(spec, path, settings=s, experiment=experiment)):
+        note = (f"job {spec.name} finished before, but its checkpoints are no longer in {path}: "
+                "it trains afresh, in a new MLflow run")
+        log.warning(note)
+    run_id = tracking.start_job_run(spec, path, settings=s, experiment=experiment, extra_tags=run_tags)
     outcome = "FAILED"
     try:
+        if trained is not None:
+            note = (f"job {spec.name} had trained all {spec.optim.epochs} epochs (its final checkpoint is in "
+                    f"{path}), but the tracking store {s.tracking_uri} has no finished MLflow run of it (its "
+                    "driver ended before it registered, or it was tracked in another store): its encoder is "
+                    f"logged to run {run_id} from that checkpoint, without training again")
+            log.warning(note)
+            run = _export(spec, out, _load_final(trained), None, run_id, path, s)
+            checkpoint_path = trained.path
+        else:
+            run, checkpoint_path = _fit(spec, cb, out, run_id, run_name, storage, s, train_callbacks, data_placement)
+        run.seconds, run.note = time.perf_counter() - started, note
+        write_summary(out, spec, run.state.final, mlflow_run_id=run_id, storage=run.storage,
+                      checkpoint=checkpoint_path, model_uri=run.encoder.model_uri if run.encoder else None,
+                      registry_uri=run.encoder.registry_uri if run.encoder else None,
+                      model_version=run.encoder.version if run.encoder else None,
+                      restarts=run.restarts, epochs_redone=run.epochs_redone, seconds=run.seconds,
+                      worker_nodes=run.worker_nodes, resumed_from=run.resumed_from)
+        outcome = "FINISHED"
+        return run
+    except KeyboardInterrupt:  # Ctrl-C, or the service cancelling the job (its driver gets SIGTERM)
+        outcome = "KILLED"
+        raise
+    finally:
+        tracking.end_run(run_id, outcome, settings=s)
+
+
+def _fit(spec: PretrainSpec, cb: Callbacks, out: Path, run_id: str, run_name: str, storage: str, s: CoreSettings,
+         train_callbacks: list[Any] | None, data_placement: PlacementGroup | None) -> tuple[RayRun, str]:
+    """Train (or resume) on Ray Train; the run and the path of its final checkpoint."""
+    pg = data_placement or data_placement_group(spec)
+    try:
         counter = SkipCounter.remote() if spec.data.source in ("imagefolder", "parquet") else None
-        dataset, num_images = build_dataset(spec, counter)
+        dataset, num_images = build_dataset(spec, counter, placement_group=pg)
         progress = ProgressLog.remote()
         sc = spec.scaling
         resources = {"CPU": sc.cpus_per_worker}
@@ -334,45 +399,112 @@ def run_pretrain(
                 callbacks=train_callbacks,
             ),
             datasets={"train": dataset},
+            dataset_config=ingest_config(spec),
         )
         with _Follower(progress, cb, out) as follower:
             result = trainer.fit()
-        if follower.diverged:
-            raise FloatingPointError(follower.diverged)
-        if result.checkpoint is None:
-            raise RuntimeError(f"run {run_name} reported no checkpoint; nothing to export")
-        with result.checkpoint.as_directory() as d:
-            final_state = load_checkpoint(Path(d) / CHECKPOINT_FILE)
-        run = _export(spec, out, final_state, follower, run_id, f"{storage}/{run_name}", s)
-        run.seconds = time.perf_counter() - started
-        write_summary(out, spec, run.state.final, mlflow_run_id=run_id, storage=run.storage,
-                      checkpoint=result.checkpoint.path, model_uri=run.encoder.model_uri if run.encoder else None,
-                      registry_uri=run.encoder.registry_uri if run.encoder else None,
-                      model_version=run.encoder.version if run.encoder else None,
-                      restarts=run.restarts, epochs_redone=run.epochs_redone, seconds=run.seconds,
-                      worker_nodes=run.worker_nodes, resumed_from=run.resumed_from)
-        outcome = "FINISHED"
-        return run
-    except KeyboardInterrupt:  # Ctrl-C, or the service cancelling the job (its driver gets SIGTERM)
-        outcome = "KILLED"
-        raise
     finally:
-        tracking.end_run(run_id, outcome, settings=s)
+        if data_placement is None:
+            remove_placement_group(pg)
+    if follower.diverged:
+        raise FloatingPointError(follower.diverged)
+    if result.checkpoint is None:
+        raise RuntimeError(f"run {run_name} reported no checkpoint; nothing to export")
+    return _export(spec, out, _load_final(result.checkpoint), follower, run_id, f"{storage}/{run_name}", s), \
+        result.checkpoint.path
 
 
-def _export(spec: PretrainSpec, out: Path, final_state: dict[str, Any], follower: _Follower, run_id: str,
+def _load_final(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
+    with checkpoint.as_directory() as d:
+        return load_checkpoint(Path(d) / CHECKPOINT_FILE)
+
+
+def final_checkpoint(spec: PretrainSpec, path: str) -> ray.train.Checkpoint | None:
+    """The last epoch's checkpoint of the Ray Train run at `path`, if it trained all its epochs."""
+    try:
+        result = ray.train.Result.from_path(path)
+    except (RuntimeError, OSError):  # no run there, or one that never registered a checkpoint
+        return None
+    if result.checkpoint is None or (result.metrics or {}).get("epoch") != spec.optim.epochs:
+        return None
+    return result.checkpoint
+
+
+def _finished(spec: PretrainSpec, out: Path, trained: ray.train.Checkpoint, run_id: str, path: str,
+              s: CoreSettings, started: float) -> RayRun:
+    """A job re-run after it finished: the result its MLflow run holds (read, not written again),
+    its final metrics from its final checkpoint. Its run folder is written again only where it is
+    missing or belongs to another run."""
+    tracking.claim_run(run_id, s)
+    final_state = _load_final(trained)
+    final = final_state.get("metrics", {})
+    encoder = tracking.registered_version(run_id, spec.register, settings=s)
+    records = _read_records(out / "metrics.jsonl")
+    state = RunState(out_dir=out, epochs=spec.optim.epochs, steps_per_epoch=0, start_epoch=spec.optim.epochs,
+                     history=[r for r in records if r.get("type") == "epoch"], final=final)
+    note = (f"job {spec.name} had already finished (MLflow run {run_id}): its result is returned as it was, "
+            "nothing is trained or registered again")
+    log.warning(note)
+    run = RayRun(state=state, run_id=run_id, storage=path, encoder=encoder, records=records,
+                 seconds=time.perf_counter() - started, already_finished=True, note=note)
+    try:
+        kept = json.loads((out / "summary.json").read_text()).get("mlflow_run_id") == run_id
+    except (OSError, ValueError):
+        kept = False
+    if not kept:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "spec.json").write_text(spec.model_dump_json(indent=2))
+        backbone, _ = backbone_from_state(final_state, "the final checkpoint")
+        save_encoder(out / "encoder.pt", backbone, spec.model,
+                     {"method": spec.method, "metrics": final, "data": spec.data.model_dump(mode="json")})
+        write_summary(out, spec, final, mlflow_run_id=run_id, storage=path, checkpoint=trained.path,
+                      model_uri=encoder.model_uri if encoder else None,
+                      registry_uri=encoder.registry_uri if encoder else None,
+                      model_version=encoder.version if encoder else None, already_finished=True)
+    return run
+
+
+def _export(spec: PretrainSpec, out: Path, final_state: dict[str, Any], follower: _Follower | None, run_id: str,
             storage: str, s: CoreSettings) -> RayRun:
-    """The run folder and the registered encoder, from the final checkpoint."""
+    """The run folder and the registered encoder, from the final checkpoint. Without a follower
+    (nothing trained in this call) the run folder's records, if any, are kept."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.json").write_text(spec.model_dump_json(indent=2))
-    _write_records(out / "metrics.jsonl", follower.records)
+    records = follower.records if follower is not None else _read_records(out / "metrics.jsonl")
+    _write_records(out / "metrics.jsonl", records)
     backbone, _ = backbone_from_state(final_state, "the final checkpoint")
-    state = follower.state or RunState(out_dir=out, epochs=spec.optim.epochs, steps_per_epoch=0)
+    state = (follower.state if follower is not None else None) or RunState(
+        out_dir=out, epochs=spec.optim.epochs, steps_per_epoch=0, start_epoch=spec.optim.epochs,
+        history=[r for r in records if r.get("type") == "epoch"])
     state.final = final_state.get("metrics", {})
     save_encoder(out / "encoder.pt", backbone, spec.model,
                  {"method": spec.method, "metrics": state.final, "data": spec.data.model_dump(mode="json")})
     encoder = tracking.log_encoder(run_id, backbone, spec.model, spec.data, spec.register,
                                    metrics=state.final, settings=s)
+    if follower is None:
+        return RayRun(state=state, run_id=run_id, storage=storage, encoder=encoder, records=records)
     return RayRun(state=state, run_id=run_id, storage=storage, encoder=encoder, restarts=follower.restarts,
                   epochs_redone=follower.redone, records=follower.records, worker_nodes=follower.nodes,
                   resumed_from=follower.resumed_from)
+
+
+# ---------------------------------------------------------------- the data pipeline's own CPUs
+def data_placement_group(spec: PretrainSpec) -> PlacementGroup:
+    """The CPUs of the job's Ray Data tasks (`resources.data_bundles`), reserved before the
+    training workers take theirs and held until the job ends. Waits until Ray has placed it (on
+    a cluster an autoscaler grows, that can take a while: said every minute)."""
+    pg = placement_group(data_bundles(spec), strategy="PACK")
+    while not pg.wait(timeout_seconds=60):
+        log.warning("job %s: waiting for Ray to place its data pipeline's CPUs %s (the cluster has %s free)",
+                    spec.name, pg.bundle_specs, ray.available_resources().get("CPU", 0))
+    return pg
+
+
+def ingest_config(spec: PretrainSpec) -> ray.train.DataConfig:
+    """Ray Data's resource limits for the training stream: the CPUs reserved for it, so that it
+    plans its operators for what it has rather than for the whole cluster."""
+    from ray.data import DataContext
+
+    options = copy.deepcopy(DataContext.get_current().execution_options)
+    options.resource_limits = options.resource_limits.copy(cpu=sum(b["CPU"] for b in data_bundles(spec)))
+    return ray.train.DataConfig(execution_options=options)

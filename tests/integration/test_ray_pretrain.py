@@ -100,6 +100,54 @@ def test_registered_encoder_loads_in_a_fresh_process_and_embeds(finished_run):
     assert out.stdout.strip().splitlines()[-1] == "ImageEncoder (5, 64) True"
 
 
+def test_a_finished_job_run_again_returns_its_result_and_registers_nothing_new(finished_run):
+    """The documented resume (same name, same storage) on a job that had finished: the same MLflow
+    run, k-NN and model version come back; no run, no version is added and nothing trains."""
+    spec, first, out = finished_run
+    name = spec["register"]["model_name"]
+    c = _mlflow()
+    experiment = c.get_experiment_by_name("ray-demo").experiment_id
+    assert len(c.search_runs([experiment])) == 1
+
+    result = runner.invoke(app, ["pretrain", str(out.parent.parent / "ray-demo.yaml")])
+
+    assert result.exit_code == 0, result.output
+    again = json.loads(result.stdout.strip().splitlines()[-1])
+    for key in ("mlflow_run_id", "knn_top1", "epoch", "model_version", "registry_uri", "storage"):
+        assert again[key] == first[key], key
+    assert [r.info.run_id for r in c.search_runs([experiment])] == [first["mlflow_run_id"]]
+    assert [str(v.version) for v in c.search_model_versions(f"name = '{name}'")] == [first["model_version"]]
+    assert len(c.get_metric_history(first["mlflow_run_id"], "train/loss")) == 12  # nothing logged twice
+    assert again["already_finished"] and "already finished" in " ".join(result.output.split())
+
+
+def test_a_finished_job_run_again_on_another_tracking_store_registers_its_result_there(finished_run, tmp_path,
+                                                                                        monkeypatch):
+    """Its run is not in the store now named: the result is made again there from the final
+    checkpoint (same k-NN, one version), without training; run once more, it returns that."""
+    spec, first, out = finished_run
+    name = spec["register"]["model_name"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)  # mlflow.set_registry_uri exports it: put back after
+    path = str(out.parent.parent / "ray-demo.yaml")
+
+    result = runner.invoke(app, ["pretrain", path])
+
+    assert result.exit_code == 0, result.output
+    moved = json.loads(result.stdout.strip().splitlines()[-1])
+    assert moved["mlflow_run_id"] != first["mlflow_run_id"]
+    assert moved["knn_top1"] == first["knn_top1"] and moved["epoch"] == 3 and moved["model_version"] == "1"
+    c = _mlflow()
+    assert c.get_run(moved["mlflow_run_id"]).info.status == "FINISHED"
+    assert c.get_metric_history(moved["mlflow_run_id"], "train/loss") == []  # nothing trained here
+    assert "without training again" in " ".join(result.output.split()) and not moved["already_finished"]
+
+    result = runner.invoke(app, ["pretrain", path])
+    again = json.loads(result.stdout.strip().splitlines()[-1])
+    assert again["already_finished"] and again["mlflow_run_id"] == moved["mlflow_run_id"]
+    assert [str(v.version) for v in c.search_model_versions(f"name = '{name}'")] == ["1"]
+
+
 def test_evaluate_job_on_ray_from_the_registry_tags_the_model_version(finished_run, tmp_path):
     spec, summary, _ = finished_run
     name = spec["register"]["model_name"]

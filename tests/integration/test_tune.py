@@ -37,29 +37,34 @@ def tune_spec(tmp_path, **fields) -> dict:
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """Two trials of 3 logical CPUs each (worker, data task, Ray Data's reads) and the search's driver."""
+    """Two trials of 3 logical CPUs each (worker, view task, Ray Data's reads), one to spare, and 8
+    more: here the worker group of every trial Tune ends stays placed (4 trials a search, two
+    searches). Tune ends a trial's actor, and with it its Ray Train controller, before the controller
+    removes its group; Ray Train's placement-group cleaner, a detached actor, would then, but it asks
+    the state API at the machine's outward address, where a Ray bound to 127.0.0.1 does not answer."""
     import ray
 
-    ctx = ray.init(address="local", num_cpus=7, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    ctx = ray.init(address="local", num_cpus=15, _node_ip_address="127.0.0.1", include_dashboard=False,
+                   log_to_driver=False)
     yield ctx.address_info["address"]
     ray.shutdown()
 
 
-@pytest.fixture()
-def settings(tmp_path, monkeypatch):
-    monkeypatch.setenv("LEOCLR_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("LEOCLR_STORAGE_PATH", raising=False)
-    return CoreSettings()
-
-
-def test_a_search_ranks_trials_stops_weak_ones_and_registers_the_best(ray_cluster, tmp_path, settings):
-    from leoclr_core import tracking
+@pytest.fixture(scope="module")
+def finished_search(ray_cluster, tmp_path_factory):
+    """One search run to its end (shared: the checks below and the re-runs of it)."""
     from leoclr_core.distributed.tune import run_tune
 
-    spec = parse_spec(tune_spec(tmp_path))
-    run = run_tune(spec, settings=settings)
+    tmp = tmp_path_factory.mktemp("search")
+    settings = CoreSettings(data_dir=tmp / "data")
+    spec = parse_spec(tune_spec(tmp))
+    return spec, settings, run_tune(spec, settings=settings), tmp
 
+
+def test_a_search_ranks_trials_stops_weak_ones_and_registers_the_best(finished_search):
+    from leoclr_core import tracking
+
+    spec, settings, run, tmp_path = finished_search
     c = tracking.client(settings)
     parent = c.get_run(run.run_id)
     assert parent.info.status == "FINISHED" and parent.data.params["max_concurrent_trials"] == "2"
@@ -91,11 +96,65 @@ def test_a_search_ranks_trials_stops_weak_ones_and_registers_the_best(ray_cluste
     assert [r["trial"] for r in rows] == [r["trial"] for r in run.table] and rows[0]["rank"] == "1"
 
 
+def _search_runs(settings, name="search"):
+    from leoclr_core import tracking
+
+    c = tracking.client(settings)
+    exp = c.get_experiment_by_name(name)
+    return c, ([] if exp is None else c.search_runs([exp.experiment_id]))
+
+
+def test_a_finished_search_run_again_returns_its_result_and_registers_nothing_new(finished_search):
+    """The documented resume, on a search that had finished: the same parent and child runs,
+    table and registered version come back, and nothing is created in MLflow."""
+    from leoclr_core.distributed.tune import run_tune
+
+    spec, settings, first, _ = finished_search
+    c, runs_before = _search_runs(settings)
+
+    again = run_tune(spec, settings=settings)
+
+    assert again.run_id == first.run_id
+    assert again.table == first.table and all(r["mlflow_run_id"] for r in again.table), again.table
+    assert again.best["mlflow_run_id"] == first.best["mlflow_run_id"]
+    assert (again.encoder.version, again.encoder.registry_uri) == (first.encoder.version, first.encoder.registry_uri)
+    assert [str(v.version) for v in c.search_model_versions("name = 'search-best'")] == [first.encoder.version]
+    _, runs_after = _search_runs(settings)
+    assert sorted(r.info.run_id for r in runs_after) == sorted(r.info.run_id for r in runs_before)
+    assert c.get_run(first.run_id).info.status == "FINISHED" and again.already_finished
+
+
+def test_a_finished_search_run_again_on_another_tracking_store_says_it_starts_afresh(finished_search):
+    """Its runs are not in the store now named: the search runs afresh into it, under a Tune
+    experiment of its own, and says so; run once more, it returns that result."""
+    from leoclr_core import tracking
+    from leoclr_core.distributed.tune import run_tune
+
+    spec, settings, first, tmp = finished_search
+    other = CoreSettings(data_dir=settings.data_dir, mlflow_tracking_uri=f"sqlite:///{tmp / 'other-mlflow.db'}")
+
+    afresh = run_tune(spec, settings=other)
+
+    c = tracking.client(other)
+    children = c.search_runs([c.get_run(afresh.run_id).info.experiment_id],
+                             filter_string=f"tags.`mlflow.parentRunId` = '{afresh.run_id}'")
+    assert sorted(r.data.tags["leoclr.trial"] for r in children) == [f"trial-{i:03d}" for i in range(4)]
+    assert all(r["mlflow_run_id"] for r in afresh.table) and afresh.encoder.version == "1"
+    # Trained again, not replayed from the first search's checkpoints: every trial logged epoch 1.
+    assert all(c.get_metric_history(r.info.run_id, "epoch/loss")[0].step == 1 for r in children)
+    assert afresh.storage != first.storage and afresh.storage.startswith(first.storage + "-")
+    assert not afresh.already_finished and "starts afresh" in afresh.note
+
+    again = run_tune(spec, settings=other)
+    assert again.already_finished and again.run_id == afresh.run_id and again.storage == afresh.storage
+    assert [str(v.version) for v in c.search_model_versions("name = 'search-best'")] == ["1"]
+
+
 def test_a_search_the_cluster_cannot_place_is_refused(ray_cluster, tmp_path):
     from leoclr_core.distributed.tune import cluster_check, per_trial_cpus
 
     spec = parse_spec(tune_spec(tmp_path, max_concurrent_trials=8))
-    with pytest.raises(ValueError, match=r"max_concurrent_trials \(8\) x 3.01 CPUs per trial = 24.08 CPUs, but the cluster has 7"):
+    with pytest.raises(ValueError, match=r"max_concurrent_trials \(8\) x 3.01 CPUs per trial = 24.08 CPUs, but the cluster has 15"):
         cluster_check(spec, per_trial_cpus(spec))
 
 

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import pytest
@@ -59,9 +60,29 @@ def test_the_matrix_measures_its_rows_in_one_process_and_they_tabulate(tmp_path)
     assert got["07-r18-mocov2-eager"]["spec"]["loss"]["symmetric"] is False  # MoCo-v2 as the matrix means it
     assert got["01-r50-leoclr-eager"]["data"] == "jpeg" and got["01-r50-leoclr-eager"]["profile"]
     log = (tmp_path / "01-r50-leoclr-eager.log").read_text()
-    assert "end-to-end:" in log and "[bench +   0.0s]" in log  # each row's clock starts at the row
+    assert "end-to-end:" in log and "[bench +" in log
     table = bench.markdown_table(bench.load_records([tmp_path]))
     assert len(table.splitlines()) == 2 + len(EAGER) and "error" not in table
+
+
+def test_each_rows_log_is_stamped_from_the_start_of_that_row(tmp_path, monkeypatch):
+    """A row's stamps say where its own time went, not the process's: on a clock that moves 100 s
+    during each row, every row's first line is at +0.0 s and its last at +100.0 s."""
+    now = [0.0]
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+
+    def row(args, spec):
+        bench.log("row starts")
+        now[0] += 100.0
+        bench.log("row ends")
+        args.json.write_text("{}")
+
+    monkeypatch.setattr(bench, "run_args", row)
+    assert bench_matrix.main(["--out", str(tmp_path), "--device", "cpu", "--only", *EAGER]) == 0
+
+    for name in EAGER:
+        stamps = [line for line in (tmp_path / f"{name}.log").read_text().splitlines() if line.startswith("[bench")]
+        assert stamps == ["[bench +   0.0s] row starts", "[bench + 100.0s] row ends"], (name, stamps)
 
 
 def test_rows_that_have_a_record_are_not_run_again(tmp_path, monkeypatch):
