@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test experiment bench bench-ray bench-api clean
+.PHONY: install run test test-chaos experiment bench bench-ray bench-api clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,13 @@ run: $(STAMP)
 	$(VENV)/bin/leoclr submit configs/demo.yaml --serve
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not chaos"
+
+# The chaos tier (docs/reliability.md): the API, the Ray head and the MLflow server killed mid-job, a
+# burst of 20 jobs. -s: each scenario prints its figures (time to detect, to recover, jobs accepted
+# vs reported) as it ends; they are repeated in the summary.
+test-chaos: $(STAMP)
+	$(PY) -m pytest -q -s -m chaos tests/chaos
 
 experiment: $(STAMP)
 	$(VENV)/bin/leoclr experiment crop-semantics
