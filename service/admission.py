@@ -114,9 +114,15 @@ class Admission:
                     changed.append(_fail(store, job, f"the stored spec is not valid now: {exc}"))
                     continue
                 reason = self.refusal(spec)
-                if reason is not None:  # accepted while Ray could not be asked, or the cluster shrank
-                    changed.append(_fail(store, job, f"cannot run on this cluster: {reason}"))
-                    continue
+                if reason is not None:
+                    # Accepted while Ray could not be asked, or the cluster is smaller now than at
+                    # submit (a node restarting, an autoscaler's nodes not up yet): it waits, saying why.
+                    waiting_for = f"waiting: larger than the cluster is now: {reason}"
+                    if job.error != waiting_for:
+                        changed.append(store.update(job.id, error=waiting_for))
+                    break
+                if job.error and job.error.startswith("waiting: "):
+                    job = store.update(job.id, error=None)
                 need = job_resources(spec)
                 fits = all(used.get(r, 0.0) + a <= capacity.get(r, 0.0) + 1e-9 for r, a in need.items())
                 if len(handed) >= self.limit(capacity) or not fits:

@@ -61,6 +61,15 @@ def cluster(tmp_path_factory):
             assert procs[0].poll() is None and time.monotonic() < deadline, (root / "head.log").read_text()[-3000:]
             time.sleep(0.5)
     start([f"--address=127.0.0.1:{gcs}", "--num-cpus=2"], "worker.log")
+    # The API sizes jobs against the nodes Ray reports: both must have joined before a job is sent.
+    waiter = ("import sys, time\nfrom ray.util.state import list_nodes\n"
+              "for _ in range(240):\n"
+              f"    if len(list_nodes(address='http://127.0.0.1:{dash}', filters=[('state', '=', 'ALIVE')])) == 2:\n"
+              "        sys.exit(0)\n"
+              "    time.sleep(0.5)\n"
+              "sys.exit(1)\n")
+    joined = subprocess.run([sys.executable, "-c", waiter], env=env, capture_output=True, text=True, timeout=180)
+    assert joined.returncode == 0, (joined.stderr[-2000:], (root / "worker.log").read_text()[-3000:])
 
     data = root / "data"
     [port] = free_ports()

@@ -131,12 +131,18 @@ def test_an_autoscaler_maximum_replaces_what_ray_reports_now():
     assert "LEOCLR_CLUSTER_MAX_RESOURCES" in gate.refusal(parse_spec({**TINY, "scaling": {"num_workers": 600}}))
 
 
-def test_a_queued_job_that_can_never_fit_fails_when_the_gate_sees_it(store):
+def test_a_queued_job_larger_than_the_cluster_is_now_waits_saying_why_and_holds_the_queue(store):
     ray = Cluster(cpus=4)
-    (job,) = add(store, 1, {**TINY, "scaling": {"num_workers": 8}})  # accepted while Ray could not be asked
-    reconcile_once(store, ray, Admission(ray))
-    got = store.get(job.id)
-    assert got.status == "failed" and "cannot run on this cluster" in got.error
+    big, small = add(store, 1, {**TINY, "scaling": {"num_workers": 8}}) + add(store, 1)  # big: accepted while
+    gate = Admission(ray)                                                               # Ray could not be asked
+    reconcile_once(store, ray, gate)
+    got = store.get(big.id)
+    assert got.status == "queued" and got.error.startswith("waiting: larger than the cluster") and "9 CPUs" in got.error
+    assert store.get(small.id).status == "queued"  # in order: it does not jump the queue
+    ray.resources = {"CPU": 16}  # a node joined
+    gate._capacity = (float("-inf"), None)
+    reconcile_once(store, ray, gate)
+    assert statuses(store, [big, small]) == ["running", "running"] and store.get(big.id).error is None
 
 
 def test_a_job_ray_has_no_record_of_is_marked_lost_at_once(store):
