@@ -85,9 +85,11 @@ def test_logged_encoder_round_trips_through_the_registry(settings, tmp_path):
     version = tracking.client(settings).get_model_version("roundtrip-encoder", "1")
     assert version.tags["metric.knn_top1"] == "40.0"
     assert tracking.resolve_version(reg.registry_uri, settings) == ("roundtrip-encoder", "1")
-    # a second registration moves the alias to the new version
+    # the same run registering again (a driver that died after registering, run again) keeps its
+    # version: no second version of the same encoder, the alias where it was
     reg2 = tracking.log_encoder(run_id, backbone, spec.model, spec.data, spec.register, settings=settings)
-    assert reg2.version == "2" and tracking.resolve_version(reg.registry_uri, settings) == ("roundtrip-encoder", "2")
+    assert reg2.version == "1" and tracking.resolve_version(reg.registry_uri, settings) == ("roundtrip-encoder", "1")
+    assert len(tracking.client(settings).search_model_versions("name = 'roundtrip-encoder'")) == 1
 
 
 def test_loading_an_unknown_model_names_it(settings):
