@@ -31,7 +31,9 @@ LOAD_SPEC = {
     "data": {"num_images": 2048, "num_test_images": 64, "image_size": 16,
              "synthetic": {"source_size": 32, "object_size": [13, 19]}},
     "model": {"backbone": "tiny", "width": 8, "proj_hidden_dim": 32, "proj_dim": 16},
-    "loss": {"queue_size": 256}, "augment": {"batched": True}, "optim": {"epochs": 1000, "batch_size": 64},
+    "loss": {"queue_size": 256}, "optim": {"epochs": 1000, "batch_size": 64},
+    # views made on the training worker: 2 CPUs, which fits the embedded head of a 2-core machine
+    "augment": {"batched": True, "device": "gpu"},
     "eval": {"knn_every": 0}, "checkpoint": {"every": 1000},
 }
 

@@ -252,7 +252,12 @@ class Service:
             if got is not None:
                 return got
             if time.monotonic() > deadline:
-                pytest.fail(f"{what}: not within {timeout:.0f} s\n{self.log()}")
+                try:  # what the service says of its jobs then: queued by the gate (and why), or in Ray
+                    seen = "\n".join(f"job {j['id']}: {j['status']} {j.get('error') or ''}"[:500]
+                                     for j in self.jobs().values())
+                except Exception as exc:  # noqa: BLE001 - the failure is the point; this is context
+                    seen = f"(the job list could not be read: {exc})"
+                pytest.fail(f"{what}: not within {timeout:.0f} s\n{seen}\n{self.log()}")
             if self.proc is not None and self.proc.poll() is not None:
                 pytest.fail(f"{what}: `leoclr serve` exited with code {self.proc.returncode}\n{self.log()}")
             time.sleep(interval)
