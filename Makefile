@@ -34,15 +34,15 @@ experiment: $(STAMP)
 	$(VENV)/bin/leoclr experiment crop-semantics
 
 bench: $(STAMP)
-	$(PY) -m leoclr_core.bench
+	$(PY) -m bench.engine
 
 # The Ray path against the in-process engine, same config, side by side.
 bench-ray: $(STAMP)
-	$(PY) -m leoclr_core.distributed.bench --epochs 3 --set data.num_images=4096
+	$(PY) -m bench.ray_vs_engine --epochs 3 --set data.num_images=4096
 
 # Status reads per second and their latency, against a service started for the run.
 bench-api: $(STAMP)
-	$(PY) -m service.loadtest
+	$(PY) -m bench.api_load
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -3,7 +3,7 @@
 # compute-only 21,149 and 22,715 instances/s) than each in its own process the run before (30,331
 # and 28,944)? Side by side on one machine, the compiled ResNet-18 LeOCLR row (06):
 #   d1: matrix process of rows 05 (eager R18), 06, 08 (cold inductor cache)
-#   d2: 06 alone, `python -m leoclr_core.bench` (a process of its own, warm cache)
+#   d2: 06 alone, `python -m bench.engine` (a process of its own, warm cache)
 #   d3: matrix process of rows 01 (eager R50) then 06
 #   d4: matrix process of rows 02 (compiled R50) then 06, while DEADLINE_S allows
 # All in one process each (`--processes one`: since this ran, the matrix gives each config its own
@@ -29,7 +29,7 @@ show() {  # the lines that matter of one step's log
   say "dynamic marks: $(grep -c 'as dynamic' "$1")"
 }
 say "$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader) $(nproc) cores"
-M=(python3 -m leoclr_core.bench_matrix --budget 600 --device cuda --loader-workers 12 --processes one)
+M=(python3 -m bench.matrix --budget 600 --device cuda --loader-workers 12 --processes one)
 
 say "--- d1: matrix 05 06 08 (cold cache) at ${SECONDS}s"
 timeout -k 5 $(left) "${M[@]}" --out "$W/d1" --only 05-r18-leoclr-eager 06-r18-leoclr-compiled 08-r18-mocov2-compiled >"$W/d1.log" 2>&1
@@ -37,7 +37,7 @@ say "d1 exit $?"; show "$W/d1.log"
 
 if (($(left) > 40)); then
   say "--- d2: bench alone, row 06's arguments, at ${SECONDS}s"
-  timeout -k 5 $(left) python3 -m leoclr_core.bench bench/r18-cifar.yaml --device cuda --data synthetic --steps 60 \
+  timeout -k 5 $(left) python3 -m bench.engine bench/r18-cifar.yaml --device cuda --data synthetic --steps 60 \
     --warmup 8 --set method=leoclr --loader-workers 12 --prefetch 2 --compile-views auto --compile >"$W/d2.log" 2>&1
   say "d2 exit $?"; show "$W/d2.log"
 fi

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on a bare GPU box: install the carried wheels (bench/fetch-wheels.sh), check for the
-# nvJPEG decode race (leoclr_core/decode_check.py), run the matrix (bench/gpu.sh), then,
+# nvJPEG decode race (bench/decode_check.py), run the matrix (bench/gpu.sh), then,
 # while DEADLINE_S allows, two probes: first the compiled ResNet-50 LeOCLR row with JPEGs decoded
 # by the loader workers instead of nvJPEG (the A/B of where decoding belongs), then the ResNet-50
 # views alone (each stage, and ours compiled; measured once before, so it goes last). Everything is
@@ -24,7 +24,7 @@ left() { echo $((DEADLINE_S - SECONDS)); }
 
 # First, as it decides how to read the rest: does a decode on the GPU land under queued kernels
 # (plain), and does the feeds' decode (quiet) stay clear of them?
-timeout -k 5 "${CHECK_LIMIT_S:-60}" python3 -m leoclr_core.decode_check --device cuda \
+timeout -k 5 "${CHECK_LIMIT_S:-60}" python3 -m bench.decode_check --device cuda \
   --json "$WORK/decode-check.json" >"$WORK/decode-check.log" 2>&1
 echo "decode check exit $? after ${SECONDS}s"
 grep -h '^\[decode-check\]' "$WORK/decode-check.log" | cut -c1-240
@@ -41,7 +41,7 @@ export TORCHINDUCTOR_FX_GRAPH_CACHE=1 TORCHINDUCTOR_AUTOGRAD_CACHE=1
 IMPL_ARGS=()
 for impl in ${IMPLS:-ours-fp16 ours-fp16-compiled}; do IMPL_ARGS+=(--impl "$impl"); done
 if (($(left) > 60)); then
-  timeout -k 5 $(($(left) > 120 ? 120 : $(left))) python3 -m leoclr_core.bench bench/r50-224.yaml --device cuda \
+  timeout -k 5 $(($(left) > 120 ? 120 : $(left))) python3 -m bench.engine bench/r50-224.yaml --device cuda \
     --data jpeg --decode workers --compile --steps 30 --warmup 8 --loader-workers "${LOADER_WORKERS:-12}" \
     --max-images 1024 --json "$WORK/probe/r50-leoclr-compiled-workers-decode.json" \
     >"$WORK/probe/r50-leoclr-compiled-workers-decode.log" 2>&1
@@ -49,7 +49,7 @@ if (($(left) > 60)); then
   grep -E '^\[bench|^\|' "$WORK/probe/r50-leoclr-compiled-workers-decode.log" | cut -c1-240
 fi
 if (($(left) > 45)); then
-  timeout -k 5 $(($(left) > 60 ? 60 : $(left))) python3 -m leoclr_core.bench_views bench/r50-224.yaml \
+  timeout -k 5 $(($(left) > 60 ? 60 : $(left))) python3 -m bench.views bench/r50-224.yaml \
     --device cuda --jpeg "${IMPL_ARGS[@]}" --json "$WORK/views/views-r50.json" \
     >"$WORK/views/views-r50.log" 2>&1
   echo "views exit $? after ${SECONDS}s"

@@ -5,7 +5,7 @@
 #   ResNet-18 CIFAR stem 32 px, batch 512, raw synthetic pixels (bench/r18-cifar.yaml)
 #   x LeOCLR / MoCo-v2 (asymmetric) x eager / torch.compile = 8 rows
 #
-# The rows, their order and their limits are in leoclr_core/bench_matrix.py, which runs the rows
+# The rows, their order and their limits are in bench/matrix.py, which runs the rows
 # of each config in one process: the ResNet-50 rows, then the ResNet-18 rows in a new one (on an
 # H200 a process per row cost 8-13 s a row outside the measurements, and one process for all
 # rows slowed the launch-bound ResNet-18 rows that ran after the ResNet-50 ones). A row that no
@@ -46,7 +46,7 @@ matrix() {
   while :; do
     # The process's own limits end it first; this one is for a hang outside any row.
     local limit=$((BUDGET_S + 60 - ($(date +%s) - START)))
-    timeout -k 10 $((limit > 10 ? limit : 10)) "$PY" -m leoclr_core.bench_matrix "${ARGS[@]}" "$@"
+    timeout -k 10 $((limit > 10 ? limit : 10)) "$PY" -m bench.matrix "${ARGS[@]}" "$@"
     rc=$?
     ((rc == 75 || rc == 124)) && ((++tries < 10)) || break
   done
@@ -54,12 +54,12 @@ matrix() {
 }
 
 case "${MATRIX_PROCESSES:-per-config}" in
-  per-row) for id in $("$PY" -m leoclr_core.bench_matrix --list); do matrix --only "$id"; done ;;
+  per-row) for id in $("$PY" -m bench.matrix --list); do matrix --only "$id"; done ;;
   per-config | one) matrix --processes "${MATRIX_PROCESSES:-per-config}" ;;
   *) echo "MATRIX_PROCESSES must be per-config, one or per-row, not '$MATRIX_PROCESSES'" >&2; exit 2 ;;
 esac
 
-"$PY" -m leoclr_core.bench --table "$OUT" --out "$OUT/table.md" >/dev/null
+"$PY" -m bench.engine --table "$OUT" --out "$OUT/table.md" >/dev/null
 echo "" >>"$OUT/table.md"
 echo "Total wall time: $(($(date +%s) - START)) s (budget ${BUDGET_S} s), loader workers ${WORKERS}, prefetch ${PREFETCH:-2}, compiled views ${COMPILE_VIEWS:-auto}, processes ${MATRIX_PROCESSES:-per-config}." >>"$OUT/table.md"
 cat "$OUT/table.md"

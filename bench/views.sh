@@ -12,7 +12,7 @@ PY="${PYTHON:-python3}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_FX_GRAPH_CACHE=1
 
-timeout -k 10 "${LIMIT_R50_S:-150}" "$PY" -m leoclr_core.bench_views bench/r50-224.yaml --device cuda \
+timeout -k 10 "${LIMIT_R50_S:-150}" "$PY" -m bench.views bench/r50-224.yaml --device cuda \
   --jpeg --json "$OUT/views-r50.json" 2>&1 | tee "$OUT/views-r50.log"
-timeout -k 10 "${LIMIT_R18_S:-100}" "$PY" -m leoclr_core.bench_views bench/r18-cifar.yaml --device cuda \
+timeout -k 10 "${LIMIT_R18_S:-100}" "$PY" -m bench.views bench/r18-cifar.yaml --device cuda \
   --jpeg --json "$OUT/views-r18.json" 2>&1 | tee "$OUT/views-r18.log"

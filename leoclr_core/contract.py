@@ -7,6 +7,30 @@ from __future__ import annotations
 ENV_JOB_SPEC = "LEOCLR_JOB_SPEC"  # the job spec as JSON
 ENV_JOB_ID = "LEOCLR_JOB_ID"  # the service's job id, tagged on the job's MLflow run and model version
 
+# Ray's environment, read when Ray is imported: local clusters use token auth (Ray 2.60's default) and
+# their clients must say so too; Ray Train v2 is the API the distributed layer is written against.
+# Every process that imports Ray (a driver, the API's Jobs client, a head the service starts) gets
+# these from `ray_environment`, and nowhere else.
+RAY_ENV = {"RAY_AUTH_MODE": "token", "RAY_TRAIN_V2_ENABLED": "1"}
+
+
+def ray_environment(env: dict[str, str]) -> dict[str, str]:
+    """A copy of `env` with RAY_ENV's values where `env` leaves them unset (a child process's env)."""
+    return {**RAY_ENV, **env}
+
+
+def apply_ray_environment() -> None:
+    """RAY_ENV into this process's environment where unset: call it before the first `import ray`."""
+    import os
+
+    for name, value in RAY_ENV.items():
+        os.environ.setdefault(name, value)
+
+
+# A finished job's result (what the CLI prints and GET /v1/jobs/{id} returns as `result`): a JSON
+# artifact of the job's MLflow run, written by the driver last. The service reads it from there.
+RESULT_ARTIFACT = "leoclr/result.json"
+
 # MLflow tags.
 TAG_JOB = "leoclr.job"  # the job's name
 TAG_KIND = "leoclr.kind"

@@ -23,12 +23,12 @@ import torch
 from mlflow.entities import Metric, Param, Run, RunStatus
 from mlflow.tracking import MlflowClient
 
-from . import contract
-from .contract import TAG_JOB, TAG_KIND, TAG_STORAGE
-from .model import ImageEncoder
-from .settings import CoreSettings, core_settings, prepare_sqlite
-from .spec import DataSpec, ModelSpec, RegisterSpec, flatten
-from .train import Callbacks, RunState
+from leoclr_core import contract
+from leoclr_core.contract import TAG_JOB, TAG_KIND, TAG_STORAGE
+from leoclr_core.nn.model import ImageEncoder
+from leoclr_core.settings import CoreSettings, core_settings, prepare_sqlite
+from leoclr_core.spec.models import DataSpec, ModelSpec, RegisterSpec, flatten
+from leoclr_core.training.pretrain import Callbacks, RunState
 
 log = logging.getLogger(__name__)
 

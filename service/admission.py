@@ -18,11 +18,11 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from leoclr_core.resources import job_resources
-from leoclr_core.spec import SpecError, parse_spec
+from leoclr_core.spec.resources import job_resources
+from leoclr_core.spec.models import SpecError, parse_spec
 
-from .runner import Runner
-from .store import Job, JobStore
+from service.runner import Runner
+from service.store import Job, JobStore
 
 log = logging.getLogger(__name__)
 

@@ -15,18 +15,18 @@ from prometheus_client.core import GaugeMetricFamily
 from pydantic import TypeAdapter
 from starlette.concurrency import run_in_threadpool
 
-from leoclr_core.spec import KINDS, JobSpec, SpecError, parse_spec
+from leoclr_core.spec.models import KINDS, JobSpec, SpecError, parse_spec
 
-from .auth import BearerAuth, ensure_token, require_token
-from .policy import PolicyError, check_spec
-from .admission import Admission
-from .reconcile import RayHealth, Reconciler, reconcile_job
-from .runner import Runner
-from .schemas import (JOB_ID, MODEL_NAME, AliasIn, ErrorOut, JobList, JobOut, MetricHistory, Model, ModelList,
+from service.auth import BearerAuth, ensure_token, require_token
+from service.policy import PolicyError, check_spec
+from service.admission import Admission
+from service.reconcile import RayHealth, Reconciler, reconcile_job
+from service.runner import Runner
+from service.schemas import (JOB_ID, MODEL_NAME, AliasIn, ErrorOut, JobList, JobOut, MetricHistory, Model, ModelList,
                       Progress)
-from .settings import ServiceSettings
-from .store import FINISHED, STATUSES, IdempotencyConflict, Job, JobStore
-from .tracking import NotFound, Tracking, Unavailable
+from service.settings import ServiceSettings
+from service.store import FINISHED, STATUSES, IdempotencyConflict, Job, JobStore
+from service.tracking import NotFound, Tracking, Unavailable
 
 # What the query and path parameters accept, in the OpenAPI document as well as in the code.
 JobStatus = Literal[STATUSES]
@@ -176,7 +176,7 @@ def create_app(settings: ServiceSettings | None = None, runner: Runner | None = 
                reconcile_interval: float = 2.0, tracking: Tracking | None = None, fresh_s: float = 1.0) -> FastAPI:
     s = settings or ServiceSettings()
     registry = CollectorRegistry()
-    ProcessCollector(registry=registry)  # process_cpu_seconds_total etc.: what the API costs (service.loadtest)
+    ProcessCollector(registry=registry)  # process_cpu_seconds_total etc.: what the API costs (bench.api_load)
     requests = Counter("leoclr_http_requests", "HTTP requests", ["method", "route", "status"], registry=registry)
     latency = Histogram("leoclr_http_request_seconds", "HTTP request latency", ["method", "route"], registry=registry)
 

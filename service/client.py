@@ -11,7 +11,7 @@ from typing import Any, Iterator
 
 import httpx
 
-from .settings import ServiceSettings
+from service.settings import ServiceSettings
 
 FINISHED = ("succeeded", "failed", "cancelled", "lost")
 

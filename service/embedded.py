@@ -15,9 +15,9 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-from .client import ApiClient
-from .cluster import free_port
-from .settings import ServiceSettings
+from service.client import ApiClient
+from service.cluster import free_port
+from service.settings import ServiceSettings
 
 
 @contextmanager

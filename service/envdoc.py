@@ -16,7 +16,7 @@ from pathlib import Path
 from pydantic import AliasChoices
 from pydantic.fields import FieldInfo
 
-from .settings import ServiceSettings
+from service.settings import ServiceSettings
 
 START, END = "<!-- env-table:start -->", "<!-- env-table:end -->"
 README = Path(__file__).resolve().parent.parent / "deploy" / "README.md"

@@ -19,9 +19,9 @@ import threading
 import time
 from typing import Any
 
-from .admission import Admission
-from .runner import JobGone, Runner
-from .store import FINISHED, Job, JobStore
+from service.admission import Admission
+from service.runner import JobGone, Runner
+from service.store import FINISHED, Job, JobStore
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-# A registered model's name, as RegisterSpec (leoclr_core/spec.py) lets a job register it.
+# A registered model's name, as RegisterSpec (leoclr_core/spec/models.py) lets a job register it.
 MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
 # A job's id: the store makes 32 hex digits; the pattern refuses what no id can be before the store sees it.
 JOB_ID = r"^[A-Za-z0-9_-]{1,64}$"

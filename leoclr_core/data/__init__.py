@@ -21,7 +21,7 @@ from leoclr_core.data.cifar import Cifar10
 from leoclr_core.data.imagefolder import ImageFolder
 from leoclr_core.data.parquet import ParquetImages
 from leoclr_core.data.synthetic import CLASS_NAMES, SceneMeta, SyntheticObjects
-from leoclr_core.spec import DATA_SOURCES, DataSpec
+from leoclr_core.spec.models import DATA_SOURCES, DataSpec
 
 Split = Literal["train", "test"]
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from leoclr_core.data.base import InMemorySource, check_resize, check_split
-from leoclr_core.spec import SyntheticSpec
+from leoclr_core.spec.models import SyntheticSpec
 
 CLASS_NAMES = ("disc", "square", "triangle", "ring", "plus", "star", "crescent", "bars", "L", "T")
 BLOCK = 256  # images per RNG stream: generation is chunkable and independent of how it is chunked

@@ -46,20 +46,20 @@ import torch
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from .. import dist
-from ..augment import BatchedViews
-from ..data import as_hwc_array
-from ..data.base import CorruptImageError, resize_square
-from ..data.imagefolder import EXTENSIONS, ImageFolder, decode_image
-from ..data.jpeg import collate_jpeg_or_pixels, decode_resize_batch, device_decodable
-from ..data.parquet import cell_bytes, parquet_split_paths
-from ..engine import Runtime
-from ..methods import METHOD_REGISTRY, MomentumMethod
-from ..prefetch import Prefetcher
-from ..resources import augments_on_worker
-from ..spec import PretrainSpec
-from ..train import Feed, batched_views, device_decodes, epoch_seed, job_source, resize_for_batching
-from ..views import make_view_transform
+from leoclr_core.nn import collectives as dist
+from leoclr_core.views.batched import BatchedViews
+from leoclr_core.data import as_hwc_array
+from leoclr_core.data.base import CorruptImageError, resize_square
+from leoclr_core.data.imagefolder import EXTENSIONS, ImageFolder, decode_image
+from leoclr_core.data.jpeg import collate_jpeg_or_pixels, decode_resize_batch, device_decodable
+from leoclr_core.data.parquet import cell_bytes, parquet_split_paths
+from leoclr_core.training.engine import Runtime
+from leoclr_core.nn.methods import METHOD_REGISTRY, MomentumMethod
+from leoclr_core.data.prefetch import Prefetcher
+from leoclr_core.spec.resources import augments_on_worker
+from leoclr_core.spec.models import PretrainSpec
+from leoclr_core.training.pretrain import Feed, batched_views, device_decodes, epoch_seed, job_source, resize_for_batching
+from leoclr_core.views.transforms import make_view_transform
 
 log = logging.getLogger(__name__)
 

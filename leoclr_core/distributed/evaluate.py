@@ -11,10 +11,10 @@ from typing import Any
 import ray
 import torch
 
-from .. import tracking
-from ..run_eval import evaluate_job
-from ..settings import CoreSettings, core_settings
-from ..spec import EvaluateSpec
+from leoclr_core import tracking
+from leoclr_core.evaluation.job import evaluate_job
+from leoclr_core.settings import CoreSettings, core_settings
+from leoclr_core.spec.models import EvaluateSpec
 
 
 def _evaluate_task(spec_json: dict[str, Any], tracking_uri: str, data_dir: str) -> dict[str, Any]:

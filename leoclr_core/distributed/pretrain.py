@@ -1,5 +1,5 @@
 """A pretrain job on Ray Train: the driver builds a `TorchTrainer` from the spec; each worker runs
-the in-process engine (`leoclr_core.train.pretrain`) on its Ray Data shard under DDP.
+the in-process engine (`leoclr_core.training.pretrain.pretrain`) on its Ray Data shard under DDP.
 
 What the driver owns: the MLflow run (found again when a job resumes), the dataset, the
 trainer, the progress display, and, after `fit`, the run folder (`encoder.pt`, `metrics.jsonl`,
@@ -45,14 +45,15 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
-from .. import dist, tracking
-from ..checkpoint import atomic_save, load_checkpoint
-from ..resources import data_bundles
-from ..engine import Runtime
-from ..methods import MomentumMethod
-from ..settings import CoreSettings, core_settings
-from ..spec import PretrainSpec
-from ..train import (
+from leoclr_core import tracking
+from leoclr_core.nn import collectives as dist
+from leoclr_core.training.checkpoint import atomic_save, load_checkpoint
+from leoclr_core.spec.resources import data_bundles
+from leoclr_core.training.engine import Runtime
+from leoclr_core.nn.methods import MomentumMethod
+from leoclr_core.settings import CoreSettings, core_settings
+from leoclr_core.spec.models import PretrainSpec
+from leoclr_core.training.pretrain import (
     Callbacks,
     CheckpointStore,
     RunState,
@@ -61,7 +62,7 @@ from ..train import (
     save_encoder,
     write_summary,
 )
-from .data import RayFeed, SkipCounter, augment_on_worker, build_dataset
+from leoclr_core.distributed.data import RayFeed, SkipCounter, augment_on_worker, build_dataset
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import ray
 
-from ..settings import CoreSettings, core_settings
+from leoclr_core.settings import CoreSettings, core_settings
 
 log = logging.getLogger(__name__)
 

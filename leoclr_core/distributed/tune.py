@@ -37,11 +37,11 @@ import ray
 from ray import tune
 from ray.util.placement_group import get_current_placement_group
 
-from .. import contract, tracking
-from ..settings import CoreSettings, core_settings
-from ..spec import SearchDim, TuneSpec
-from ..resources import TRIAL_DRIVER_CPU, data_bundles, per_trial_cpus
-from .pretrain import resolve_storage, run_pretrain
+from leoclr_core import contract, tracking
+from leoclr_core.settings import CoreSettings, core_settings
+from leoclr_core.spec.models import SearchDim, TuneSpec
+from leoclr_core.spec.resources import TRIAL_DRIVER_CPU, data_bundles, per_trial_cpus
+from leoclr_core.distributed.pretrain import resolve_storage, run_pretrain
 
 log = logging.getLogger(__name__)
 

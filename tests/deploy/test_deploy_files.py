@@ -1071,7 +1071,7 @@ def test_ray_cluster_shape():
 
 def test_ray_job_runs_the_demo_spec():
     from leoclr_core.contract import ENV_JOB_SPEC
-    from leoclr_core.spec import load_spec, parse_spec
+    from leoclr_core.spec.models import load_spec, parse_spec
 
     spec = one("RayJob")["spec"]
     assert spec["clusterSelector"] == {"ray.io/cluster": one("RayCluster")["metadata"]["name"]}

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from leoclr_core.resources import job_resources
-from leoclr_core.spec import parse_spec
-from leoclr_core.train import Callbacks
+from leoclr_core.spec.resources import job_resources
+from leoclr_core.spec.models import parse_spec
+from leoclr_core.training.pretrain import Callbacks
 
 from .conftest import tiny_spec
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from leoclr_core.spec import parse_spec
+from leoclr_core.spec.models import parse_spec
 
 from .conftest import tiny_spec
 

@@ -254,7 +254,7 @@ def test_image_folder_streams_through_ray_data_and_counts_corrupt_files(ray_clus
     from PIL import Image
 
     from leoclr_core.distributed.pretrain import run_pretrain
-    from leoclr_core.spec import parse_spec
+    from leoclr_core.spec.models import parse_spec
 
     rng = np.random.default_rng(0)
     root = tmp_path / "images"
@@ -292,7 +292,7 @@ def test_workers_decode_an_image_folders_jpegs_when_asked(ray_cluster, tmp_path)
     from PIL import Image
 
     from leoclr_core.distributed.pretrain import run_pretrain
-    from leoclr_core.spec import parse_spec
+    from leoclr_core.spec.models import parse_spec
 
     rng = np.random.default_rng(1)
     root = tmp_path / "images"
@@ -339,7 +339,7 @@ def test_parquet_rows_stream_through_ray_datas_reader(ray_cluster, tmp_path, dec
     from PIL import Image
 
     from leoclr_core.distributed.pretrain import run_pretrain
-    from leoclr_core.spec import parse_spec
+    from leoclr_core.spec.models import parse_spec
 
     rng = np.random.default_rng(3)
     rows = []

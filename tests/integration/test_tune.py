@@ -8,7 +8,7 @@ import csv
 import pytest
 
 from leoclr_core.settings import CoreSettings
-from leoclr_core.spec import SpecError, TuneSpec, parse_spec
+from leoclr_core.spec.models import SpecError, TuneSpec, parse_spec
 
 from .conftest import tiny_spec
 

@@ -15,7 +15,7 @@ from datetime import datetime
 import jsonschema
 import pytest
 
-from leoclr_core.spec import KINDS
+from leoclr_core.spec.models import KINDS
 from service.store import STATUSES
 from service.tracking import API_HTTP_ENV
 

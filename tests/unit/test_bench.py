@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from leoclr_core.bench import main, markdown_table, summarise_trace
+from bench.engine import main, markdown_table, summarise_trace
 from leoclr_core.data import SyntheticObjects
 from leoclr_core.data.jpeg import EncodedImages, collate_jpeg_or_pixels, decode_resize_batch
-from leoclr_core.spec import SyntheticSpec, load_spec
+from leoclr_core.spec.models import SyntheticSpec, load_spec
 
 # torchvision 0.29 deprecates its JPEG codecs on every call; they are what the GPU box's 0.26 has.
 pytestmark = pytest.mark.filterwarnings("ignore:.*TorchCodec:DeprecationWarning")
@@ -69,7 +69,7 @@ def test_bench_measures_compute_and_end_to_end_rates(spec_file, tmp_path, capsys
 
 def test_both_phases_start_from_the_same_weights(spec_file, tmp_path, monkeypatch):
     """The compute-only phase fits one static random batch; the end-to-end phase must not inherit that."""
-    import leoclr_core.bench as bench
+    import bench.engine as bench
 
     sums, real = [], bench.train_step
 
@@ -103,7 +103,7 @@ def test_bench_feeds_packed_jpeg_batches_through_loader_workers(spec_file, tmp_p
 
 
 def test_profile_runs_more_steps_of_each_phase_and_records_them(spec_file, tmp_path, monkeypatch):
-    import leoclr_core.bench as bench
+    import bench.engine as bench
 
     calls, real = [], bench.train_step
     monkeypatch.setattr(bench, "train_step", lambda *a: calls.append(1) or real(*a))
@@ -183,7 +183,7 @@ def test_missing_spec_file_exits_2(tmp_path, capsys):
 def test_runs_in_one_process_render_a_data_spec_once(spec_file, monkeypatch):
     """The matrix runs its rows in one process: rows with the same data spec share their images
     instead of rendering them again; another spec (or count) gets its own."""
-    import leoclr_core.bench as bench
+    import bench.engine as bench
 
     monkeypatch.setattr(bench, "_SOURCES", {})
     spec = load_spec(spec_file)

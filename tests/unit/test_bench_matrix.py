@@ -1,4 +1,4 @@
-"""The reference matrix runner (`leoclr_core.bench_matrix`, which bench/gpu.sh calls): rows in one
+"""The reference matrix runner (`bench.matrix`, which bench/gpu.sh calls): rows in one
 process, under a budget, resumable, a failing row measured again on the plain path."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from leoclr_core import bench, bench_matrix
+from bench import engine as bench
+from bench import matrix as bench_matrix
 
 ROOT = Path(__file__).resolve().parents[2]
 # The reference configs, shrunk to something a CPU runs in a second.
@@ -224,7 +225,8 @@ def test_each_row_compiles_as_in_a_process_of_its_own(tmp_path, monkeypatch):
 def test_a_row_past_its_limit_is_recorded_and_the_process_exits_124(tmp_path):
     script = textwrap.dedent(f"""
         import sys, time
-        from leoclr_core import bench, bench_matrix
+        from bench import engine as bench
+        from bench import matrix as bench_matrix
         bench.run_args = lambda args, spec: time.sleep(30)
         sys.exit(bench_matrix.main(["--out", {str(tmp_path)!r}, "--device", "cpu", "--limit", "1",
                                     "--only", {EAGER[0]!r}, {EAGER[1]!r}]))

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from leoclr_core.bench_views import IMPLS, KorniaViews, main, markdown
-from leoclr_core.spec import AugmentSpec
+from bench.views import IMPLS, KorniaViews, main, markdown
+from leoclr_core.spec.models import AugmentSpec
 
 from .test_bench import TINY as BENCH_TINY
 

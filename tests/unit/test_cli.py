@@ -110,7 +110,7 @@ def test_a_ctrl_c_that_python_drops_still_cancels_the_followed_job():
     import pytest
     import typer
 
-    from leoclr_core.cli import _follow
+    from leoclr_core.cli.app import _follow
 
     client, before = _Job(), signal.getsignal(signal.SIGINT)
     with pytest.raises(typer.Exit) as stopped:

@@ -20,7 +20,7 @@ from leoclr_core.data import (
     build_source,
     collate_images,
 )
-from leoclr_core.spec import DATA_SOURCES, DataSpec, SyntheticSpec
+from leoclr_core.spec.models import DATA_SOURCES, DataSpec, SyntheticSpec
 
 
 # ---------------------------------------------------------------- synthetic-objects
@@ -300,8 +300,8 @@ def write_parquet_split(root, rng, n_train=30, n_test=9, bad_rows=1):
 
 def test_parquet_source_reads_splits_labels_and_skips_corrupt_rows(tmp_path):
     from leoclr_core.data import ParquetImages
-    from leoclr_core.spec import DataSpec
-    from leoclr_core.train import has_test_split
+    from leoclr_core.spec.models import DataSpec
+    from leoclr_core.training.pretrain import has_test_split
 
     write_parquet_split(tmp_path / "pq", np.random.default_rng(0))
     train = ParquetImages(tmp_path / "pq", "train", resize_to=16)
@@ -318,8 +318,8 @@ def test_parquet_source_without_a_test_split_trains_but_has_no_k_nn(tmp_path):
     import pyarrow.parquet as pq
 
     from leoclr_core.data import ParquetImages
-    from leoclr_core.spec import DataSpec
-    from leoclr_core.train import has_test_split
+    from leoclr_core.spec.models import DataSpec
+    from leoclr_core.training.pretrain import has_test_split
 
     rng = np.random.default_rng(1)
     pq.write_table(pa.table({"img": [_png_bytes(rng) for _ in range(5)]}), tmp_path / "flat.parquet")

@@ -1,4 +1,4 @@
-"""The decode-race check (`python -m leoclr_core.decode_check`): its harness runs here on the CPU,
+"""The decode-race check (`python -m bench.decode_check`): its harness runs here on the CPU,
 and it reads its figures the way the next GPU session will rely on."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from leoclr_core import decode_check as dc
+from bench import decode_check as dc
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*TorchCodec:DeprecationWarning")
 

@@ -8,10 +8,10 @@ import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
-import leoclr_core.methods as methods_mod
-from leoclr_core.engine import Runtime, build_optimizer, lr_factor, prepare_method, train_step
-from leoclr_core.methods import build_method
-from leoclr_core.spec import LossSpec, ModelSpec, OptimSpec
+import leoclr_core.nn.methods as methods_mod
+from leoclr_core.training.engine import Runtime, build_optimizer, lr_factor, prepare_method, train_step
+from leoclr_core.nn.methods import build_method
+from leoclr_core.spec.models import LossSpec, ModelSpec, OptimSpec
 
 MODEL = ModelSpec(backbone="tiny", width=4, proj_hidden_dim=16, proj_dim=8)
 CPU = Runtime(device=torch.device("cpu"))
@@ -178,7 +178,7 @@ def test_two_workers_gather_keys_before_enqueue_and_stay_in_sync():
 
 
 def test_an_epoch_stops_with_a_clear_error_when_the_loss_is_not_finite():
-    from leoclr_core.engine import build_scheduler, train_epoch
+    from leoclr_core.training.engine import build_scheduler, train_epoch
 
     method = prepare_method(make(), CPU)
     optimizer = build_optimizer(method, OptimSpec())

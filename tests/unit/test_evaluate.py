@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from leoclr_core.engine import Runtime
-from leoclr_core.evaluate import accuracy, evaluate_backbone, knn_predict, linear_probe, prepare_images
+from leoclr_core.training.engine import Runtime
+from leoclr_core.evaluation.probes import accuracy, evaluate_backbone, knn_predict, linear_probe, prepare_images
 
 
 def reference_knn(bank, labels, queries, num_classes, k, t):

@@ -17,10 +17,10 @@ from PIL import Image
 
 from leoclr_core.data import ImageFolder
 from leoclr_core.data.jpeg import collate_jpeg_or_pixels, decode_resize_batch, device_decodable
-from leoclr_core.engine import resolve_runtime
-from leoclr_core.methods import build_method
-from leoclr_core.spec import SpecError, parse_spec
-from leoclr_core.train import ViewFeed, decodes_on_device, job_source
+from leoclr_core.training.engine import resolve_runtime
+from leoclr_core.nn.methods import build_method
+from leoclr_core.spec.models import SpecError, parse_spec
+from leoclr_core.training.pretrain import ViewFeed, decodes_on_device, job_source
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*TorchCodec:DeprecationWarning")
 SIZE = 16

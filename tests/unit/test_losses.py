@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from leoclr_core.losses import info_nce, leoclr_loss, mocov2_loss
+from leoclr_core.nn.losses import info_nce, leoclr_loss, mocov2_loss
 
 
 def reference_info_nce(q, k, queue, t):

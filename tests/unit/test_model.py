@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from leoclr_core.model import (
+from leoclr_core.nn.model import (
     BACKBONE_REGISTRY,
     KeyQueue,
     SplitBatchNorm2d,
@@ -13,7 +13,7 @@ from leoclr_core.model import (
     momentum_at,
     update_momentum,
 )
-from leoclr_core.spec import BACKBONES, ModelSpec
+from leoclr_core.spec.models import BACKBONES, ModelSpec
 
 
 def test_registry_names_exactly_the_spec_backbones():

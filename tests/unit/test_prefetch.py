@@ -12,9 +12,9 @@ import time
 import pytest
 import torch
 
-from leoclr_core.augment import BatchedViews
-from leoclr_core.prefetch import Prefetcher
-from leoclr_core.spec import AugmentSpec
+from leoclr_core.views.batched import BatchedViews
+from leoclr_core.data.prefetch import Prefetcher
+from leoclr_core.spec.models import AugmentSpec
 
 
 def batches(n: int):

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from leoclr_core.spec import parse_spec
+from leoclr_core.spec.models import parse_spec
 from service.admission import Admission
 from service.reconcile import RayHealth, reconcile_once
 from service.runner import JobGone

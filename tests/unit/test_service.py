@@ -314,7 +314,7 @@ def test_prometheus_metrics_count_requests_and_jobs(make_client):
         text = c.get("/metrics", headers=AUTH).text
         assert 'leoclr_jobs{kind="pretrain",status="queued"} 1.0' in text
         assert 'leoclr_http_requests_total{method="GET",route="/v1/jobs/{job_id}",status="404"} 1.0' in text
-        assert "process_cpu_seconds_total " in text  # what service.loadtest reads a request's cost from
+        assert "process_cpu_seconds_total " in text  # what bench.api_load reads a request's cost from
 
 
 @pytest.fixture()

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from leoclr_core.spec import (
+from leoclr_core.spec.models import (
     MAX_TRIALS,
     EvaluateSpec,
     PretrainSpec,
@@ -15,7 +15,7 @@ from leoclr_core.spec import (
     parse_spec,
     read_spec_file,
 )
-from leoclr_core.speclimits import DOC, UNBOUNDED_BY_DESIGN, limits, render
+from leoclr_core.spec.limits import DOC, UNBOUNDED_BY_DESIGN, limits, render
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -113,7 +113,7 @@ def test_specs_are_immutable_and_flatten_to_dotted_params():
 
 def test_spec_module_does_not_import_torch():
     # The API process validates specs and must stay light: importing spec must not pull in torch.
-    code = "import sys, leoclr_core.spec; print('torch' in sys.modules)"
+    code = "import sys, leoclr_core.spec.models; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "False"
 
@@ -249,4 +249,4 @@ def test_every_numeric_spec_field_has_an_upper_bound_in_the_json_schema():
 
 
 def test_spec_limits_doc_is_generated_from_the_models():
-    assert DOC.read_text() == render(), "docs/spec-limits.md is stale: run python -m leoclr_core.speclimits"
+    assert DOC.read_text() == render(), "docs/spec-limits.md is stale: run python -m leoclr_core.spec.limits"

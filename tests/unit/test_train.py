@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from leoclr_core.checkpoint import list_checkpoints, load_checkpoint
-from leoclr_core.run_eval import evaluate_job
-from leoclr_core.spec import parse_spec
-from leoclr_core.train import Callbacks, load_backbone, pretrain
+from leoclr_core.training.checkpoint import list_checkpoints, load_checkpoint
+from leoclr_core.evaluation.job import evaluate_job
+from leoclr_core.spec.models import parse_spec
+from leoclr_core.training.pretrain import Callbacks, load_backbone, pretrain
 
 TINY = [
     "data.num_images=128", "data.num_test_images=64", "data.synthetic.source_size=32",

@@ -17,9 +17,9 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from leoclr_core import augment as A
-from leoclr_core.spec import AugmentSpec
-from leoclr_core.views import (EvalTransform, RandomGaussianBlur, TripleViewTransform, TwoViewTransform,
+from leoclr_core.views import batched as A
+from leoclr_core.spec.models import AugmentSpec
+from leoclr_core.views.transforms import (EvalTransform, RandomGaussianBlur, TripleViewTransform, TwoViewTransform,
                                make_view_transform)
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

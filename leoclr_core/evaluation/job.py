@@ -8,10 +8,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .engine import resolve_runtime
-from .evaluate import evaluate_backbone
-from .spec import EvaluateSpec
-from .train import job_source, load_backbone
+from leoclr_core.training.engine import resolve_runtime
+from leoclr_core.evaluation.probes import evaluate_backbone
+from leoclr_core.spec.models import EvaluateSpec
+from leoclr_core.training.pretrain import job_source, load_backbone
 
 # An encoder from the registry normalises its own input: it is fed [0, 1] images as they are.
 IDENTITY_NORM = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))

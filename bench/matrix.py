@@ -1,4 +1,4 @@
-"""The reference throughput matrix: `leoclr_core.bench` on 8 rows in one process, under a time budget.
+"""The reference throughput matrix: `bench.engine` on 8 rows in one process, under a time budget.
 
 The rows: ResNet-50 at 224 px, batch 256, with JPEG input (bench/r50-224.yaml), and ResNet-18 with
 the CIFAR stem at 32 px, batch 512, on raw pixels (bench/r18-cifar.yaml). Each runs LeOCLR and
@@ -34,7 +34,7 @@ How rows run:
 - Running the command again with the same `--out` and `--started` goes on where it stopped. Rows
   that have a record are not run again.
 
-    python -m leoclr_core.bench_matrix --out DIR [--budget S] [--started EPOCH_S] [--device cuda|cpu]
+    python -m bench.matrix --out DIR [--budget S] [--started EPOCH_S] [--device cuda|cpu]
         [--loader-workers K] [--prefetch N] [--compile-views auto|on|off] [--only ID ...]
         [--processes auto|per-config|one]
         [--set K=V ...] [--steps N] [--warmup W] [--max-images M] [--limit S] [--list]
@@ -66,8 +66,8 @@ from typing import Callable, Iterator, Sequence, TextIO
 
 import torch
 
-from . import bench
-from .spec import SpecError
+from bench import engine as bench
+from leoclr_core.spec.models import SpecError
 
 RESTART = 75  # EX_TEMPFAIL: run again to go on
 TIMED_OUT = 124  # what `timeout` exits with, so a wrapper treats both alike
@@ -112,7 +112,7 @@ ROWS: tuple[Row, ...] = (
 
 
 def bench_argv(row: Row, opts: argparse.Namespace, plain: bool) -> list[str]:
-    """The `leoclr_core.bench` command line of `row`: what `python -m leoclr_core.bench` would take."""
+    """The `bench.engine` command line of `row`: what `python -m bench.engine` would take."""
     steps = row.steps if opts.steps is None else opts.steps
     warmup = row.warmup if opts.warmup is None else opts.warmup
     argv = [row.spec, "--device", opts.device, "--data", row.data, "--steps", str(steps),
@@ -223,7 +223,7 @@ def run_row(row: Row, opts: argparse.Namespace, plain: bool, log_path: Path) -> 
         return "refused"
     bench.restart_clock()
     with teed(log_path):
-        print(f"=== {row.id}: python -m leoclr_core.bench {' '.join(argv)}", file=sys.stderr)
+        print(f"=== {row.id}: python -m bench.engine {' '.join(argv)}", file=sys.stderr)
         try:
             bench.run_args(args, spec)
             return "ok"
@@ -306,7 +306,7 @@ def run_matrix(opts: argparse.Namespace) -> int:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m leoclr_core.bench_matrix", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.matrix", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, help="folder of the rows' records (ID.json) and logs (ID.log)")
     p.add_argument("--budget", type=float, default=330.0, help="seconds for the whole matrix, from --started")
     p.add_argument("--started", type=float, default=None,

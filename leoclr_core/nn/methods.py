@@ -16,10 +16,10 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from . import dist
-from .losses import info_nce, leoclr_loss, mocov2_loss
-from .model import Encoder, KeyQueue, build_encoder, convert_to_split_bn, update_momentum
-from .spec import LossSpec, ModelSpec
+from leoclr_core.nn import collectives as dist
+from leoclr_core.nn.losses import info_nce, leoclr_loss, mocov2_loss
+from leoclr_core.nn.model import Encoder, KeyQueue, build_encoder, convert_to_split_bn, update_momentum
+from leoclr_core.spec.models import LossSpec, ModelSpec
 
 
 @dataclass

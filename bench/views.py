@@ -6,7 +6,7 @@ on the same device, batch and sizes, and the faster one is kept (README: "Views 
 The stage rows say where the time of ours goes (JPEG decode, parameter sampling, crops and
 resize, flip, colour jitter, grayscale, the two blur implementations, normalisation).
 
-    python -m leoclr_core.bench_views [SPEC] [--set k=v ...] [--device cuda|cpu] [--batch N]
+    python -m bench.views [SPEC] [--set k=v ...] [--device cuda|cpu] [--batch N]
         [--reps N] [--warmup N] [--impl NAME ...] [--no-stages] [--json PATH]
 
 Every figure is milliseconds per batch (a median of `reps` timed calls, with one device
@@ -30,12 +30,12 @@ import torch.nn as nn
 from torchvision.io import encode_jpeg
 from torchvision.ops import roi_align
 
-from .augment import (BatchedViews, blur_kernel_size, color_jitter, gaussian_blur, gaussian_blur_matmul,
+from leoclr_core.views.batched import (BatchedViews, blur_kernel_size, color_jitter, gaussian_blur, gaussian_blur_matmul,
                       grayscale)
-from .bench import bench_images, device_name, resolve_spec_path
-from .data.jpeg import collate_jpeg_or_pixels, decode_resize_batch
-from .methods import METHOD_REGISTRY
-from .spec import AugmentSpec, PretrainSpec, SpecError, load_spec
+from bench.engine import bench_images, device_name, resolve_spec_path
+from leoclr_core.data.jpeg import collate_jpeg_or_pixels, decode_resize_batch
+from leoclr_core.nn.methods import METHOD_REGISTRY
+from leoclr_core.spec.models import AugmentSpec, PretrainSpec, SpecError, load_spec
 
 # ours: float32, blur by batched matmul on accelerators; -conv-blur: grouped-conv blur; -fp16: the
 # photometric ops in float16 (what a bf16 run on CUDA uses); -compiled: through torch.compile.
@@ -188,7 +188,7 @@ def markdown(record: dict) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m leoclr_core.bench_views", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.views", description=__doc__.split("\n\n")[0])
     p.add_argument("spec", nargs="?", default=None, help="pretrain spec (default configs/demo.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")

@@ -1,6 +1,6 @@
 """Ray path against the in-process engine, on the same config, side by side in one run.
 
-    python -m leoclr_core.distributed.bench [SPEC] [--epochs 3] [--set a.b=v ...]
+    python -m bench.ray_vs_engine [SPEC] [--epochs 3] [--set a.b=v ...]
 
 Runs the spec (default: the CPU demo, shortened) three times: in this process on one CPU thread;
 on a local Ray with 1 training worker; with 2 training workers (1 CPU each). Each run's rate is
@@ -25,7 +25,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..spec import PretrainSpec, load_spec, parse_spec
+from leoclr_core.spec.models import PretrainSpec, load_spec, parse_spec
 
 console = Console()
 DEFAULT_SPEC = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
@@ -55,10 +55,10 @@ def _spec(base: PretrainSpec, workers: int, out: Path, name: str) -> PretrainSpe
 
 
 def run_bench(spec: PretrainSpec, out: Path) -> dict[str, Any]:
-    from ..train import pretrain
-    from ..resources import pretrain_cpus as cluster_cpus_needed
-    from .pretrain import run_pretrain
-    from .session import ray_session
+    from leoclr_core.training.pretrain import pretrain
+    from leoclr_core.spec.resources import pretrain_cpus as cluster_cpus_needed
+    from leoclr_core.distributed.pretrain import run_pretrain
+    from leoclr_core.distributed.session import ray_session
 
     results: dict[str, Any] = {"device": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                                "torch": torch.__version__, "spec": spec.name, "epochs": spec.optim.epochs,

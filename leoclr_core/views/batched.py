@@ -27,7 +27,7 @@ from torch import Tensor
 from torchvision.ops import roi_align
 
 if TYPE_CHECKING:  # read by attribute only, so this module needs nothing but torch and torchvision
-    from .spec import AugmentSpec
+    from leoclr_core.spec.models import AugmentSpec
 
 KINDS = ("original", "crop")
 PACKED_COLUMNS = 18  # ViewParams.pack: box (5), factors (4), order (4), flags (4), sigma (1)

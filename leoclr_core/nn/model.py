@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from .spec import BACKBONES, ModelSpec
+from leoclr_core.spec.models import BACKBONES, ModelSpec
 
 
 # ---------------------------------------------------------------- backbones

@@ -16,10 +16,10 @@ from typing import Callable, Iterable
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from . import dist
-from .methods import MomentumMethod
-from .model import momentum_at
-from .spec import OptimSpec, ScalingSpec
+from leoclr_core.nn import collectives as dist
+from leoclr_core.nn.methods import MomentumMethod
+from leoclr_core.nn.model import momentum_at
+from leoclr_core.spec.models import OptimSpec, ScalingSpec
 
 
 @dataclass(frozen=True)

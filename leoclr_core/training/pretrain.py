@@ -18,9 +18,9 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from . import dist
-from .augment import BatchedViews
-from .checkpoint import (
+from leoclr_core.nn import collectives as dist
+from leoclr_core.views.batched import BatchedViews
+from leoclr_core.training.checkpoint import (
     atomic_save,
     latest_checkpoint,
     load_checkpoint,
@@ -28,9 +28,9 @@ from .checkpoint import (
     save_checkpoint,
     training_state,
 )
-from .data import ImageSource, build_source, collate_images
-from .data.jpeg import collate_jpeg_or_pixels, decode_resize_batch
-from .engine import (
+from leoclr_core.data import ImageSource, build_source, collate_images
+from leoclr_core.data.jpeg import collate_jpeg_or_pixels, decode_resize_batch
+from leoclr_core.training.engine import (
     Runtime,
     build_optimizer,
     build_scheduler,
@@ -38,12 +38,12 @@ from .engine import (
     resolve_runtime,
     train_epoch,
 )
-from .evaluate import EvalResult, evaluate_backbone
-from .methods import MomentumMethod, build_method
-from .model import build_backbone
-from .prefetch import Prefetcher
-from .spec import ENCODED_SOURCES, DataSpec, ModelSpec, PretrainSpec
-from .views import make_view_transform
+from leoclr_core.evaluation.probes import EvalResult, evaluate_backbone
+from leoclr_core.nn.methods import MomentumMethod, build_method
+from leoclr_core.nn.model import build_backbone
+from leoclr_core.data.prefetch import Prefetcher
+from leoclr_core.spec.models import ENCODED_SOURCES, DataSpec, ModelSpec, PretrainSpec
+from leoclr_core.views.transforms import make_view_transform
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ def has_test_split(data: DataSpec) -> bool:
     if data.num_test_images == 0 or (data.path and "://" in data.path):
         return False
     if data.source == "parquet":
-        from .data.parquet import parquet_split_paths
+        from leoclr_core.data.parquet import parquet_split_paths
 
         return parquet_split_paths(data.path)[1] is not None  # type: ignore[arg-type]
     return True

@@ -19,10 +19,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from .engine import resolve_runtime
-from .model import build_backbone
-from .spec import PretrainSpec, parse_spec
-from .train import Callbacks, job_source, pretrain, run_knn
+from leoclr_core.training.engine import resolve_runtime
+from leoclr_core.nn.model import build_backbone
+from leoclr_core.spec.models import PretrainSpec, parse_spec
+from leoclr_core.training.pretrain import Callbacks, job_source, pretrain, run_knn
 
 # One base spec for every run; the variants and methods below only override fields of it.
 BASE: dict[str, Any] = {

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from .engine import Runtime
+from leoclr_core.training.engine import Runtime
 
 
 def prepare_images(
@@ -41,7 +41,7 @@ def extract_features(
     num_workers: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(features float32 (N, D) on the device, labels long (N,)) for every image of `dataset`."""
-    from .data import collate_images
+    from leoclr_core.data import collate_images
 
     was_training = backbone.training
     backbone.eval()

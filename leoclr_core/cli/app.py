@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .spec import EvaluateSpec, PretrainSpec, SpecError, TuneSpec, load_spec, parse_spec
+from leoclr_core.spec.models import EvaluateSpec, PretrainSpec, SpecError, TuneSpec, load_spec, parse_spec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="LeOCLR self-supervised pretraining.")
 experiment_app = typer.Typer(no_args_is_help=True, help="Experiments that test the method's claims.")
@@ -148,7 +148,7 @@ def _pretrain(spec: PretrainSpec, out: Path, local: bool = False, device: Option
                   f"{spec.optim.epochs} epochs, {where} -> {out}")
     extra: dict[str, Any] = {}
     if local:
-        from .train import pretrain as run
+        from leoclr_core.training.pretrain import pretrain as run
 
         try:
             state = _run_with_progress(lambda cb: run(spec, device=device, callbacks=cb, out_dir=out))
@@ -180,8 +180,8 @@ def _sigterm_interrupts() -> None:
 
 
 def _pretrain_on_ray(spec: PretrainSpec, out: Path) -> tuple[dict, dict]:
-    from .distributed.pretrain import run_pretrain
-    from .distributed.session import ray_session
+    from leoclr_core.distributed.pretrain import run_pretrain
+    from leoclr_core.distributed.session import ray_session
 
     terminal = console.is_terminal or _force_progress()
     try:
@@ -221,17 +221,17 @@ def evaluate(
 def _evaluate(spec: EvaluateSpec, local: bool = False, device: Optional[str] = None) -> None:
     try:
         if local:
-            from .run_eval import evaluate_job
+            from leoclr_core.evaluation.job import evaluate_job
 
             encoder = None
             if spec.encoder.model_uri:
-                from .tracking import load_encoder
+                from leoclr_core.tracking import load_encoder
 
                 encoder = load_encoder(spec.encoder.model_uri)
             result = evaluate_job(spec, device=device, encoder=encoder)
         else:
-            from .distributed.evaluate import run_evaluate
-            from .distributed.session import ray_session
+            from leoclr_core.distributed.evaluate import run_evaluate
+            from leoclr_core.distributed.session import ray_session
 
             with ray_session(_cpus_needed(spec)):
                 _sigterm_interrupts()
@@ -262,8 +262,8 @@ def tune_cmd(
 
 
 def _tune(spec: TuneSpec, out: Path) -> None:
-    from .distributed.session import ray_session
-    from .distributed.tune import run_tune
+    from leoclr_core.distributed.session import ray_session
+    from leoclr_core.distributed.tune import run_tune
 
     console.print(f"[bold]{spec.name}[/bold]: {spec.num_samples} trial(s) of {', '.join(spec.space)}, "
                   f"{spec.max_concurrent_trials} at a time, {spec.scheduler.type} scheduler, ranked by {spec.metric} "
@@ -531,7 +531,7 @@ def submit(
 
 def _cpus_needed(spec: Any) -> float:
     """Logical CPUs a job asks of Ray (its workers, data tasks; a search: its concurrent trials)."""
-    from .resources import job_resources
+    from leoclr_core.spec.resources import job_resources
 
     return job_resources(spec)["CPU"]
 
@@ -604,7 +604,7 @@ def run_job() -> None:
     """
     import os
 
-    from .contract import ENV_JOB_SPEC
+    from leoclr_core.contract import ENV_JOB_SPEC
 
     raw = os.environ.get(ENV_JOB_SPEC)
     if not raw:
@@ -613,7 +613,7 @@ def run_job() -> None:
         spec = parse_spec(json.loads(raw))  # type: ignore[arg-type]
     except (json.JSONDecodeError, SpecError) as exc:
         _fail(f"{ENV_JOB_SPEC}: {exc}", code=2)
-    from .settings import core_settings
+    from leoclr_core.settings import core_settings
 
     if not spec.output_dir:  # a job's driver runs in a Ray-chosen folder: keep the run with the data
         spec = spec.model_copy(update={"output_dir": str(core_settings().home / "runs" / spec.name)})
@@ -638,7 +638,7 @@ def crop_semantics(
     overrides: Optional[list[str]] = SetOption,
 ) -> None:
     """Train LeOCLR and MoCo-v2 with the same seed, data, epochs and backbone; table + plot."""
-    from .experiment import run_crop_semantics
+    from leoclr_core.studies.crop_semantics import run_crop_semantics
 
     try:
         run_crop_semantics(output, quick=quick, device=device, epochs=epochs, only=variants,

@@ -17,8 +17,8 @@ from torch import Tensor
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from .augment import blur_kernel_size, check_view_args, gaussian_blur
-from .spec import AugmentSpec
+from leoclr_core.views.batched import blur_kernel_size, check_view_args, gaussian_blur
+from leoclr_core.spec.models import AugmentSpec
 
 
 class RandomGaussianBlur:

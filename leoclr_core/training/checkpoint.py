@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .methods import MomentumMethod
+from leoclr_core.nn.methods import MomentumMethod
 
 CKPT_PATTERN = re.compile(r"^epoch-(\d{4,})\.pt$")
 FORMAT_VERSION = 1

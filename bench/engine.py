@@ -7,10 +7,10 @@ Both use the same model, `train_step` and runtime (bf16 + channels_last on CUDA,
 torch.compile), with W untimed warm-up steps and one device synchronisation on each side of the
 N timed steps, none inside them.
 
-    python -m leoclr_core.bench [SPEC] [--set k=v ...] [--steps N] [--warmup W] [--compile]
+    python -m bench.engine [SPEC] [--set k=v ...] [--steps N] [--warmup W] [--compile]
         [--device cuda|cpu] [--data synthetic|jpeg] [--decode device|workers] [--loader-workers K]
         [--profile N] [--json PATH]
-    python -m leoclr_core.bench --table RESULTS_DIR_OR_JSON... [--out table.md]
+    python -m bench.engine --table RESULTS_DIR_OR_JSON... [--out table.md]
 
 Imports only torch, torchvision, numpy, PIL, yaml, pydantic (via spec) and the stdlib: runs on a bare GPU box.
 """
@@ -34,14 +34,14 @@ import torch
 import torchvision
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from .data import ImageSource, SyntheticObjects, build_source, collate_images
-from .data.jpeg import EncodedImages, collate_jpeg_or_pixels, decode_resize_batch
-from .engine import Runtime, build_optimizer, prepare_method, resolve_runtime, train_step
-from .methods import MomentumMethod, build_method
-from .prefetch import Prefetcher
-from .spec import PretrainSpec, SpecError, load_spec
-from .train import ViewDataset, augments_batched, batched_views, collate_views, resize_for_batching
-from .views import make_view_transform
+from leoclr_core.data import ImageSource, SyntheticObjects, build_source, collate_images
+from leoclr_core.data.jpeg import EncodedImages, collate_jpeg_or_pixels, decode_resize_batch
+from leoclr_core.training.engine import Runtime, build_optimizer, prepare_method, resolve_runtime, train_step
+from leoclr_core.nn.methods import MomentumMethod, build_method
+from leoclr_core.data.prefetch import Prefetcher
+from leoclr_core.spec.models import PretrainSpec, SpecError, load_spec
+from leoclr_core.training.pretrain import ViewDataset, augments_batched, batched_views, collate_views, resize_for_batching
+from leoclr_core.views.transforms import make_view_transform
 
 DEFAULT_SPEC = "configs/demo.yaml"
 JPEG_QUALITY = 90
@@ -431,7 +431,7 @@ def load_records(paths: Sequence[str | Path]) -> list[dict]:
 
 # ---------------------------------------------------------------- command line
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m leoclr_core.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.engine", description=__doc__.split("\n\n")[0])
     p.add_argument("spec", nargs="?", default=None, help=f"pretrain spec (default {DEFAULT_SPEC})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
     p.add_argument("--steps", type=int, default=20, help="timed steps per phase")

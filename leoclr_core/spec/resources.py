@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .spec import ENCODED_SOURCES, PretrainSpec, TuneSpec
+from leoclr_core.spec.models import ENCODED_SOURCES, PretrainSpec, TuneSpec
 
 # What a search trial's own function (Tune's actor that fits the trainer) holds: it only waits,
 # but Tune cannot place an actor that asks for nothing.

@@ -4,7 +4,7 @@ This module must stay importable without torch (the API process validates specs 
 Every section forbids unknown fields, so a typo in a YAML file is an error naming the field,
 never a knob that silently does nothing. Every number has an upper bound in the JSON schema (so in
 the API's OpenAPI document too) and must be finite; docs/spec-limits.md lists them
-(`python -m leoclr_core.speclimits` regenerates it).
+(`python -m leoclr_core.spec.limits` regenerates it).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-# Names the method layer registers (leoclr_core/model.py checks it matches this tuple).
+# Names the method layer registers (leoclr_core/nn/model.py checks it matches this tuple).
 BACKBONES = ("tiny", "resnet18", "resnet34", "resnet50")
 METHODS = ("leoclr", "mocov2")
 DATA_SOURCES = ("synthetic-objects", "cifar10", "imagefolder", "parquet")

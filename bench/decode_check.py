@@ -14,7 +14,7 @@ later allocation on the same stream, because that stream's own order keeps it sa
 
 Every decoded image is compared with the same batch decoded on an idle device.
 
-    python -m leoclr_core.decode_check [--device cuda] [--rounds 10] [--batch 64] [--size 256]
+    python -m bench.decode_check [--device cuda] [--rounds 10] [--batch 64] [--size 256]
         [--chain 200] [--json PATH]
 
 The chain (200 products of 4096 x 4096 in float16; its time is printed) must outlast the
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 
-from .data.jpeg import _decode_cuda
+from leoclr_core.data.jpeg import _decode_cuda
 
 MODES = ("plain", "quiet")
 FILL = 0xAB  # the byte a queued fill writes: an image made of it was overwritten
@@ -144,7 +144,7 @@ def verdict(result: dict) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m leoclr_core.decode_check", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.decode_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--batch", type=int, default=64)

@@ -1,7 +1,7 @@
 """A small, bounded load run of the REST API: status reads per second and their latency.
 
-    python -m service.loadtest                      # starts the service on embedded defaults itself
-    python -m service.loadtest --url URL --job ID   # against a running service and one of its jobs
+    python -m bench.api_load                      # starts the service on embedded defaults itself
+    python -m bench.api_load --url URL --job ID   # against a running service and one of its jobs
 
 With no --url it starts `leoclr serve` (a fresh embedded Ray head) on LEOCLR_DATA_DIR, submits a
 small pretraining job, and measures `GET /v1/jobs/{id}` while that job trains (each read asks Ray
@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 
-from .client import ApiClient
+from service.client import ApiClient
 
 LOAD_SPEC = {
     "kind": "pretrain", "name": "loadtest",
@@ -118,7 +118,7 @@ def main() -> None:
     if a.url:
         run(ApiClient(url=a.url), a.job, a.requests, a.concurrency, a.seconds)
         return
-    from .embedded import embedded_service
+    from service.embedded import embedded_service
 
     with embedded_service() as client:
         run(client, None, a.requests, a.concurrency, a.seconds)

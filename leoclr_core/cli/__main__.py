@@ -1,0 +1,3 @@
+from leoclr_core.cli.app import main
+
+main()

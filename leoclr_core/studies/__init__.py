@@ -1,0 +1,1 @@
+"""Experiments that test the method's claims on the built-in data (`crop_semantics`)."""

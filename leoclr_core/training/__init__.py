@@ -1,0 +1,2 @@
+"""Training without Ray: one step and one epoch (`engine`), checkpoints (`checkpoint`), and the in-process
+pretrain job (`pretrain`)."""
