@@ -304,68 +304,6 @@ def _tune(spec: TuneSpec, out: Path) -> None:
         "already_finished": run.already_finished, "storage": run.storage, "table": run.table}, default=str))
 
 
-DRIVER_MLFLOW_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
-
-
-@app.command()
-def serve(
-    host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
-    port: int = typer.Option(8000, help="Port to listen on."),
-    num_cpus: Optional[int] = typer.Option(None, help="CPUs of the embedded Ray head (default: all)."),
-) -> None:
-    """Start the REST API (FastAPI + uvicorn) over the Ray cluster at LEOCLR_RAY_JOBS_ADDRESS or
-    RAY_ADDRESS. Embedded defaults: a Ray head on 127.0.0.1 started (or found again) for it, and
-    restarted if it dies; MLflow and the job store on SQLite under LEOCLR_DATA_DIR. A cluster that
-    does not answer yet is no reason to stop: jobs wait `queued` and /readyz says 503 until it does."""
-    import os
-    import sys
-
-    import uvicorn
-
-    from service.app import create_app
-    from service.cluster import HeadSupervisor, ensure_head
-    from service.runner import RayJobsRunner
-    from service.settings import ServiceSettings
-
-    s = ServiceSettings()
-    supervisor = None
-    # What every job's driver is told, so its runs, checkpoints and models land where the API looks.
-    env = {"LEOCLR_DATA_DIR": str(s.home), "MLFLOW_TRACKING_URI": s.tracking_uri}
-    if s.storage_path:
-        env["LEOCLR_STORAGE_PATH"] = s.storage_path
-    # MLflow's client retries a tracking server that is gone for many minutes by default (7 retries
-    # with backoff, 120 s a request): a job whose server went away would look alive for that long.
-    for name, value in DRIVER_MLFLOW_HTTP.items():
-        env[name] = os.environ.get(name, value)
-    if s.ray_jobs_address:
-        runner = RayJobsRunner(s.ray_jobs_address, env=env)
-        console.print(f"Ray Jobs API: {s.ray_jobs_address}")
-    elif s.ray_address:
-        from service.runner import dashboard_url
-
-        ray_address = s.ray_address
-        runner = RayJobsRunner(lambda: dashboard_url(ray_address), env=env)  # asked again until the cluster answers
-        console.print(f"Ray cluster {ray_address} (its Jobs API is found on first use)")
-    else:
-        try:
-            head = ensure_head(s.home, num_cpus)
-        except RuntimeError as exc:
-            _fail(exc)
-        leoclr = Path(sys.executable).with_name("leoclr")  # this install's CLI, whatever PATH the head has
-        runner = RayJobsRunner(head.dashboard_url, entrypoint=f"{leoclr} run-job", env=env)
-        supervisor = HeadSupervisor(s.home, head, lambda new: runner.retarget(new.dashboard_url), num_cpus,
-                                    s.head_restarts)
-        supervisor.start()
-        console.print(f"Ray head: {head.gcs_address}, dashboard and Jobs API {head.dashboard_url}")
-    try:
-        uvicorn.run(create_app(s, runner), host=host, port=port, log_level="info")
-    finally:
-        if supervisor is not None:
-            supervisor.stop()
-            if supervisor.head.owned:
-                supervisor.head.stop()
-
-
 # ---------------------------------------------------------------- client of the REST API
 def _api(fn):
     """Run fn(client); an API error (refused, unreachable, no token) is one red line and exit 1."""
@@ -646,6 +584,18 @@ def crop_semantics(
     except (SpecError, ValueError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
+
+
+def _add_plugin_commands() -> None:
+    """Commands other installed packages add (the service adds `serve`): found through the
+    `leoclr.commands` entry points, so this package never imports them."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="leoclr.commands"):
+        ep.load()(app)
+
+
+_add_plugin_commands()
 
 
 def main() -> None:  # pragma: no cover
