@@ -376,3 +376,9 @@ def log_evaluation(spec_name: str, spec: Any, results: dict[str, Any], encoder_u
                 c.set_model_version_tag(name, v, f"eval.{spec_name}.{k}", str(val))
     c.set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id
+
+
+def log_result(run_id: str, result: dict[str, Any], settings: CoreSettings | None = None) -> None:
+    """A finished job's result as a JSON artifact of its run (contract.RESULT_ARTIFACT): where the
+    service reads it, so a result never depends on the driver's log."""
+    client(settings).log_dict(run_id, result, contract.RESULT_ARTIFACT)
