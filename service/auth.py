@@ -68,8 +68,12 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
-async def require_token(request: Request,
-                        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+async def the_token(request: Request) -> str:
+    return request.app.state.token  # set in the lifespan, as BearerAuth reads it
+
+
+async def require_token(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+                        token: Annotated[str, Depends(the_token)]) -> None:
     # async: a check this small is not worth the hop to a worker thread a plain def dependency costs
-    if credentials is None or not valid(f"Bearer {credentials.credentials}", request.app.state.token):
+    if credentials is None or not valid(f"Bearer {credentials.credentials}", token):
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer"})

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from leoclr_core import contract
+
 log = logging.getLogger(__name__)
 
 
@@ -72,7 +74,7 @@ def _ray_env() -> dict[str, str]:
     # The API process reads MLflow with short timeouts (service/tracking.py); a head it restarts must
     # not pass them on to training drivers, which get their own through the runner.
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP_REQUEST_")}
-    return {**env, "RAY_AUTH_MODE": "token"}
+    return contract.ray_environment(env)
 
 
 def ensure_auth_token(ray: str) -> None:

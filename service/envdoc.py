@@ -1,10 +1,11 @@
-"""The table of environment variables in deploy/README.md, generated from the settings classes.
+"""The table of environment variables in docs/configuration.md, generated from the settings classes.
 
-Every setting is a field of `ServiceSettings` (which extends the training side's `CoreSettings`)
-with its variable's name as the alias and a description; the table is made from those fields, so
-it lists what the code reads, with the defaults the code has.
+Every setting is a field of `ServiceSettings` (which extends the client commands' `ClientSettings`,
+which extends the training side's `CoreSettings`), with its variable's name as the alias and a
+description; the table is made from those fields, so it lists what the code reads, with the
+defaults the code has.
 
-    python -m service.envdoc            rewrite the table between the markers in deploy/README.md
+    python -m service.envdoc            rewrite the table between the markers in docs/configuration.md
     python -m service.envdoc --check    exit 1 if the table there is not the generated one
 """
 
@@ -19,7 +20,7 @@ from pydantic.fields import FieldInfo
 from service.settings import ServiceSettings
 
 START, END = "<!-- env-table:start -->", "<!-- env-table:end -->"
-README = Path(__file__).resolve().parent.parent / "deploy" / "README.md"
+DOC = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 
 
 def variable_names(field: FieldInfo) -> list[str]:
@@ -65,16 +66,16 @@ def with_table(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    text = README.read_text()
+    text = DOC.read_text()
     if "--check" in args:
         if table_in(text) != env_table():
-            print(f"{README}: the environment table is stale; run python -m service.envdoc", file=sys.stderr)
+            print(f"{DOC}: the environment table is stale; run python -m service.envdoc", file=sys.stderr)
             return 1
         return 0
     updated = with_table(text)
     if updated != text:
-        README.write_text(updated)
-        print(f"rewrote the environment table in {README}")
+        DOC.write_text(updated)
+        print(f"rewrote the environment table in {DOC}")
     return 0
 
 

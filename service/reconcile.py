@@ -7,17 +7,16 @@ what it found, and a job Ray has lost is marked `lost` instead of `running` for 
   the embedded head restarted by the service, or `leoclr serve` restarted with a new head);
 - after LEOCLR_RAY_LOST_AFTER_S of no answer from the Jobs API at all (a head that stays down).
 Jobs that never reached Ray stay `queued` and go to whichever head answers next (admission.py).
-A finished pretrain/evaluate driver prints its result as a JSON line last; that line is kept as
-the job's result.
+A finished job's result is what its driver logged to its MLflow run (`ReadResult`, see
+tracking.Tracking.result), kept in the store so that lists show it without asking MLflow.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from service.admission import Admission
 from service.runner import JobGone, Runner
@@ -25,16 +24,8 @@ from service.store import FINISHED, Job, JobStore
 
 log = logging.getLogger(__name__)
 
-
-def last_json_line(text: str) -> dict[str, Any] | None:
-    for line in reversed(text.strip().splitlines()):
-        line = line.strip()
-        if line.startswith("{") and line.endswith("}"):
-            try:
-                return json.loads(line)
-            except ValueError:
-                continue
-    return None
+# A finished job's result, or None when it has none; may raise when MLflow cannot be read.
+ReadResult = Callable[[Job], "dict[str, Any] | None"]
 
 
 class RayHealth:
@@ -71,11 +62,12 @@ class RayHealth:
 
 
 def reconcile_job(store: JobStore, runner: Runner, job: Job, health: RayHealth | None = None,
-                  lost_after_s: float = 30.0) -> Job:
+                  lost_after_s: float = 30.0, read_result: ReadResult | None = None) -> Job:
     """Bring one job that Ray was given up to Ray's view of it: its status, and when it has
-    finished, its result (the driver's last JSON line) or error. The background loop and a read of
-    the job both go through here, so neither can record a finished status without its result.
-    A job not yet given to Ray is left as it is: the admission gate hands it over."""
+    finished, its result (`read_result`: from its MLflow run) or error (the end of the driver's
+    log). The background loop and a read of the job both go through here, so neither can record a
+    finished status without its result; one MLflow could not give now is read again when the job
+    is (routers/jobs.py). A job not yet given to Ray is left as it is: the admission gate hands it over."""
     if not job.submission_id or job.status in FINISHED:
         return job
     if health is None or health.down_since is None:
@@ -99,13 +91,16 @@ def reconcile_job(store: JobStore, runner: Runner, job: Job, health: RayHealth |
     if status not in FINISHED:
         return store.advance(job.id, status) or store.get(job.id) or job
     fields: dict[str, Any] = {}
-    try:
-        logs = runner.logs(job.submission_id)
-        fields["result"] = last_json_line(logs)
-        if status == "failed":
-            fields["error"] = "\n".join(logs.strip().splitlines()[-20:])
-    except Exception as exc:  # noqa: BLE001
-        log.debug("logs of %s: %s", job.id, exc)
+    if read_result is not None:
+        try:
+            fields["result"] = read_result(job)
+        except Exception as exc:  # noqa: BLE001 - MLflow unreachable: the status is still Ray's to record
+            log.warning("result of job %s: %s", job.id, exc)
+    if status == "failed":
+        try:
+            fields["error"] = "\n".join(runner.logs(job.submission_id).strip().splitlines()[-20:])
+        except Exception as exc:  # noqa: BLE001
+            log.debug("logs of %s: %s", job.id, exc)
     return _finish(store, job, status, **fields)
 
 
@@ -120,26 +115,27 @@ def _mark_lost(store: JobStore, job: Job, reason: str) -> Job:
 
 
 def reconcile_once(store: JobStore, runner: Runner, admission: Admission | None = None,
-                   health: RayHealth | None = None, lost_after_s: float = 30.0) -> int:
+                   health: RayHealth | None = None, lost_after_s: float = 30.0,
+                   read_result: ReadResult | None = None) -> int:
     """One pass: Ray's health, every job Ray was given, then the gate; returns how many jobs changed status."""
     health = health or RayHealth()
     reachable = health.check(runner)
     changed = 0
     for job in store.unfinished():
         if job.submission_id:
-            changed += reconcile_job(store, runner, job, health, lost_after_s).status != job.status
+            changed += reconcile_job(store, runner, job, health, lost_after_s, read_result).status != job.status
     if admission is not None:
         for job in admission.admit(store, reachable):
             # A job just handed over is read back at once, not a pass later: Ray may already run it.
-            changed += reconcile_job(store, runner, job, health, lost_after_s).status != "queued"
+            changed += reconcile_job(store, runner, job, health, lost_after_s, read_result).status != "queued"
     return changed
 
 
 class Reconciler:
     def __init__(self, store: JobStore, runner: Runner, interval: float = 2.0, admission: Admission | None = None,
-                 lost_after_s: float = 30.0, health: RayHealth | None = None):
+                 lost_after_s: float = 30.0, health: RayHealth | None = None, read_result: ReadResult | None = None):
         self.store, self.runner, self.interval = store, runner, interval
-        self.admission, self.lost_after_s = admission, lost_after_s
+        self.admission, self.lost_after_s, self.read_result = admission, lost_after_s, read_result
         self.health = health or RayHealth()
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="leoclr-reconcile", daemon=True)
@@ -147,7 +143,8 @@ class Reconciler:
     def _loop(self) -> None:
         while not self.stop_event.is_set():
             try:
-                reconcile_once(self.store, self.runner, self.admission, self.health, self.lost_after_s)
+                reconcile_once(self.store, self.runner, self.admission, self.health, self.lost_after_s,
+                               self.read_result)
             except Exception as exc:  # noqa: BLE001 - a bad pass must not end the loop
                 log.warning("reconcile pass failed: %s", exc)
             self.stop_event.wait(self.interval)

@@ -10,8 +10,6 @@ import json
 import threading
 from typing import Any, AsyncIterator, Callable, Protocol
 
-import leoclr_core.distributed  # noqa: F401 - Ray's environment (token auth, loopback), before Ray is imported
-
 from leoclr_core.contract import ENV_JOB_ID, ENV_JOB_SPEC
 
 # Ray job statuses -> ours. PENDING: accepted, driver not started yet.
@@ -121,6 +119,7 @@ class RayJobsRunner:
 def dashboard_url(address: str) -> str:
     """The Jobs API of the Ray cluster at `address` (a GCS address such as RAY_ADDRESS): the cluster
     says where its dashboard is when a driver connects."""
+    import leoclr_core.distributed  # noqa: F401 - how a driver reaches a loopback cluster, before Ray is imported
     import ray
 
     ctx = ray.init(address=address, log_to_driver=False)

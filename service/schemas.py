@@ -27,6 +27,28 @@ class ErrorOut(BaseModel):
     detail: str | list[ValidationIssue]
 
 
+# Why each error status is answered, as the OpenAPI document says it.
+WHY = {400: "The body is not JSON text.", 401: "No bearer token, or the wrong one.", 404: "No such job or model.",
+       409: "The job is in no state to do this.", 413: "The request body is over LEOCLR_MAX_BODY_BYTES.",
+       422: "A parameter or the body is invalid; `detail` names it.",
+       503: "A backend (Ray, MLflow) could not be reached."}
+
+
+def errors(*codes: int, plain: bool = False) -> dict[int | str, dict[str, Any]]:
+    """The `responses=` of a route: each error status it can answer, all with the one JSON error body.
+    `plain`: for a route whose answer is text, where FastAPI would file a `model` under text/plain."""
+    if plain:  # ErrorOut is in the document's components: every other route names it as a model
+        body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}
+        return {code: {"content": body, "description": WHY[code]} for code in codes}
+    return {code: {"model": ErrorOut, "description": WHY[code]} for code in codes}
+
+
+class ProbeOut(BaseModel):
+    """A probe's answer."""
+
+    status: str = Field(..., description="`ok` (alive) or `ready` (ready to run jobs).")
+
+
 class Progress(BaseModel):
     """Where a job stands, from the metrics its rank-0 worker logs to MLflow."""
 
@@ -56,7 +78,8 @@ class JobOut(BaseModel):
     name: str
     status: str
     error: str | None = None
-    result: dict[str, Any] | None = None  # the driver's final JSON line: metrics, registry URI
+    result: dict[str, Any] | None = Field(
+        None, description="A finished job's result (final metrics, registry URI), as its driver logged it to MLflow.")
     progress: Progress | None = None  # on GET /v1/jobs/{id}, once the job has an MLflow run
     created_at: datetime
     updated_at: datetime

@@ -1,4 +1,4 @@
-"""The service's settings, from the environment (pydantic-settings). Extends the training side's."""
+"""The service's settings, from the environment (pydantic-settings). Extends the client's (the token and the API's URL), which extends the training side's."""
 
 from __future__ import annotations
 
@@ -7,17 +7,13 @@ from pathlib import Path
 
 from pydantic import AliasChoices, Field
 
-from leoclr_core.settings import CoreSettings
+from leoclr_core.settings import ClientSettings
 
 
-class ServiceSettings(CoreSettings):
+class ServiceSettings(ClientSettings):
     database_url: str | None = Field(
         default=None, validation_alias=AliasChoices("LEOCLR_DATABASE_URL"),
         description="Job store (SQLAlchemy URL, e.g. postgresql+psycopg://...); default sqlite:///<data dir>/jobs.db.",
-    )
-    api_token: str | None = Field(
-        default=None, validation_alias=AliasChoices("LEOCLR_API_TOKEN"),
-        description="Bearer token of the API; unset: generated into <data dir>/api-token (mode 0600).",
     )
     max_body_bytes: int = Field(
         default=1_048_576, validation_alias=AliasChoices("LEOCLR_MAX_BODY_BYTES"),
@@ -55,10 +51,6 @@ class ServiceSettings(CoreSettings):
         description="Folders a job submitted over the API may read data from (separated by ':'); "
                     "default <data dir>/datasets.",
     )
-    api_url: str = Field(
-        default="http://127.0.0.1:8000", validation_alias=AliasChoices("LEOCLR_API_URL"),
-        description="Where the client commands (leoclr submit, status, logs, cancel, models) find the API.",
-    )
 
     @property
     def max_resources(self) -> dict[str, float] | None:
@@ -86,7 +78,3 @@ class ServiceSettings(CoreSettings):
     @property
     def job_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.home / 'jobs.db'}"
-
-    @property
-    def token_file(self) -> Path:
-        return self.home / "api-token"

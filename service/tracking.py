@@ -1,25 +1,30 @@
-"""What the API reads from MLflow (and the one thing it writes: an alias). No torch here.
+"""What the API reads from MLflow (and the one thing it writes: an alias). No torch here, and
+mlflow only once a `Tracking` is made: the API makes it on first use, so it starts without
+importing mlflow (with pandas, pyarrow and scipy behind it, most of a second or more).
 
 A job's MLflow run is found by the tag its driver sets (`leoclr.service_job` = the job's id); its
-progress comes from the run's latest metrics, which rank 0 logs with every step record. The
-registry is read through the same client: models, their versions and aliases, and the metrics
-the job that made a version tagged on it.
+progress comes from the run's latest metrics, which rank 0 logs with every step record, and a
+finished job's result from the JSON artifact its driver logs last (`contract.RESULT_ARTIFACT`).
+The registry is read through the same client: models, their versions and aliases, and the
+metrics the job that made a version tagged on it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import tempfile
 import threading
 from contextlib import contextmanager
-from typing import Any, Iterator
-
-from mlflow.entities import Run
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
 
 from leoclr_core import contract
 from leoclr_core.settings import prepare_sqlite
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +46,8 @@ API_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RET
 
 @contextmanager
 def _reading(what: str) -> Iterator[None]:
+    from mlflow.exceptions import MlflowException
+
     try:
         yield
     except MlflowException as exc:
@@ -57,6 +64,8 @@ def _num(metrics: dict[str, float], key: str, cast: type = float) -> Any:
 
 class Tracking:
     def __init__(self, tracking_uri: str):
+        from mlflow.tracking import MlflowClient
+
         prepare_sqlite(tracking_uri)
         if tracking_uri.startswith(("http://", "https://")):
             for k, v in API_HTTP_ENV.items():
@@ -83,6 +92,20 @@ class Tracking:
         with self._lock:
             self._runs[job_id] = found[0].info.run_id
         return found[0]
+
+    def result(self, job_id: str, experiment: str) -> dict[str, Any] | None:
+        """A finished job's result, as its driver logged it (contract.RESULT_ARTIFACT); None when the
+        job made no run or its run has no result (a driver that failed before the end)."""
+        with _reading(f"MLflow run of job {job_id}"):
+            run = self.run_of(job_id, experiment)
+            if run is None:
+                return None
+            folder, name = os.path.split(contract.RESULT_ARTIFACT)
+            if name not in {Path(f.path).name for f in self.client.list_artifacts(run.info.run_id, folder)}:
+                return None
+            with tempfile.TemporaryDirectory() as tmp:
+                path = self.client.download_artifacts(run.info.run_id, contract.RESULT_ARTIFACT, tmp)
+                return json.loads(Path(path).read_text())
 
     def progress(self, job_id: str, experiment: str, spec: dict[str, Any] | None = None) -> dict[str, Any] | None:
         """The job's progress, None before its driver made a run; Unavailable when MLflow cannot say."""
@@ -128,11 +151,11 @@ class Tracking:
             "epoch": _num(m, contract.M_EPOCH, int), "epochs": _num(m, contract.M_EPOCHS, int),
             "step": step, "total_steps": total,
             "fraction": round(step / total, 4) if step is not None and total else None,
-            "instances_per_s": _num(m, contract.M_IPS) if contract.M_IPS in m else _num(m, "epoch/instances_per_s"),
+            "instances_per_s": _num(m, contract.M_IPS) if contract.M_IPS in m else _num(m, contract.M_EPOCH_IPS),
             "eta_seconds": _num(m, contract.M_ETA),
-            "loss": _num(m, contract.M_LOSS) if contract.M_LOSS in m else _num(m, "epoch/loss"),
+            "loss": _num(m, contract.M_LOSS) if contract.M_LOSS in m else _num(m, contract.M_EPOCH_LOSS),
             "knn_top1": _num(m, contract.M_KNN),
-            "metrics": {k: v for k, v in m.items() if not k.startswith(("train/", "progress/", "epoch/"))},
+            "metrics": {k: v for k, v in m.items() if not k.startswith((contract.TRAIN_PREFIX, contract.PROGRESS_PREFIX, contract.EPOCH_PREFIX))},
             "mlflow_run_id": run.info.run_id,
             "mlflow_run_url": contract.run_url(self.uri, run.info.experiment_id, run.info.run_id),
         }
@@ -168,8 +191,10 @@ class Tracking:
                 "version": str(v.version), "run_id": v.run_id, "status": v.status,
                 "aliases": sorted(by_version.get(str(v.version), [])),
                 "created_at": v.creation_timestamp, "job_id": tags.get(contract.TAG_SERVICE_JOB),
-                "metrics": {k.removeprefix("metric."): float(val) for k, val in tags.items() if k.startswith("metric.")},
-                "evaluations": {k.removeprefix("eval."): float(val) for k, val in tags.items() if k.startswith("eval.")},
+                "metrics": {k.removeprefix(contract.VERSION_METRIC_PREFIX): float(val) for k, val in tags.items()
+                            if k.startswith(contract.VERSION_METRIC_PREFIX)},
+                "evaluations": {k.removeprefix(contract.VERSION_EVAL_PREFIX): float(val) for k, val in tags.items()
+                                if k.startswith(contract.VERSION_EVAL_PREFIX)},
                 "uri": f"models:/{name}/{v.version}",
             })
         return sorted(out, key=lambda d: int(d["version"]), reverse=True)
@@ -191,6 +216,8 @@ class Tracking:
         if version not in {v["version"] for v in model["versions"]}:
             raise NotFound(f"model {name!r} has no version {version}; it has "
                            f"{sorted(int(v['version']) for v in model['versions'])}")
+        from mlflow.exceptions import MlflowException
+
         try:
             self.client.set_registered_model_alias(name, alias, version)
         except MlflowException as exc:
@@ -202,3 +229,21 @@ class Tracking:
 
 def _quote(value: str) -> str:
     return value.replace("'", "\\'")
+
+
+class LazyTracking:
+    """The Tracking of a URI, made on first use: mlflow is imported then, not when the API starts."""
+
+    def __init__(self, tracking_uri: str, made: Tracking | None = None):
+        self.uri, self._tracking, self._lock = tracking_uri, made, threading.Lock()
+
+    def __call__(self) -> Tracking:
+        if self._tracking is None:
+            with self._lock:
+                if self._tracking is None:
+                    self._tracking = Tracking(self.uri)
+        return self._tracking
+
+    def result(self, job: Any) -> dict[str, Any] | None:
+        """A finished job's result (see Tracking.result); its experiment is the job's name."""
+        return self().result(job.id, job.name)

@@ -1,4 +1,5 @@
-"""What the service's unit tests share: a stand-in for Ray Jobs, a spec, and an app on a temp folder."""
+"""What the service's unit tests share: a stand-in for Ray Jobs, specs, an app on a temp folder, and an
+MLflow store (SQLite) to write what a job's driver would."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from service.settings import ServiceSettings
 
 SPEC = {"kind": "pretrain", "name": "api-demo", "data": {"num_images": 512}, "loss": {"queue_size": 128},
         "optim": {"batch_size": 64}}
+TUNE = {"kind": "tune", "name": "search-api", "base": SPEC, "metric": "knn_top1",
+        "space": {"optim.lr": {"type": "choice", "values": [0.01, 0.1]}}}
 TOKEN = "secret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -56,3 +59,29 @@ def make_client(tmp_path):
         # fresh_s=0: every read asks the runner, as these tests change its answers between reads
         return TestClient(create_app(s, runner if runner is not None else FakeRunner(), fresh_s=0))
     return make
+
+
+def mlflow_store(tmp_path):
+    """(tracking URI, client) of an MLflow store in `tmp_path`, its artifacts there too (MLflow's
+    default for a SQLite store is ./mlruns of the folder pytest runs in)."""
+    from mlflow.tracking import MlflowClient
+
+    class Store(MlflowClient):
+        def create_experiment(self, name, artifact_location=None, tags=None):
+            location = artifact_location or (tmp_path / "artifacts" / name).as_uri()
+            return super().create_experiment(name, location, tags)
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    return uri, Store(tracking_uri=uri, registry_uri=uri)
+
+
+def driver_run(ml, job_id: str, experiment: str, result: dict | None = None) -> str:
+    """The MLflow run a job's driver makes (tagged with the job's id), with the result it logs last."""
+    from leoclr_core import contract
+
+    exp = ml.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp is not None else ml.create_experiment(experiment)
+    run = ml.create_run(exp_id, tags={contract.TAG_SERVICE_JOB: job_id}).info.run_id
+    if result is not None:
+        ml.log_dict(run, result, contract.RESULT_ARTIFACT)
+    return run

@@ -94,6 +94,39 @@ def test_every_error_answer_is_documented_with_the_body_it_has(make_client):
             ["description"]}
 
 
+OPERATIONS = {
+    ("post", "/v1/jobs"): "submitJob", ("get", "/v1/jobs"): "listJobs", ("get", "/v1/jobs/{job_id}"): "getJob",
+    ("get", "/v1/jobs/{job_id}/logs"): "getJobLogs", ("get", "/v1/jobs/{job_id}/metrics"): "getJobMetrics",
+    ("post", "/v1/jobs/{job_id}/cancel"): "cancelJob", ("get", "/v1/models"): "listModels",
+    ("get", "/v1/models/{name}"): "getModel", ("post", "/v1/models/{name}/aliases"): "setModelAlias",
+    ("get", "/healthz"): "healthz", ("get", "/readyz"): "readyz", ("get", "/metrics"): "metrics",
+}
+
+
+def test_every_operation_has_an_id_and_a_documented_answer(make_client):
+    with make_client() as c:
+        doc = c.get("/openapi.json").json()
+    ids = {(method, path): op.get("operationId") for path, ops in doc["paths"].items() for method, op in ops.items()}
+    assert ids == OPERATIONS
+    for (method, path), op in ((k, doc["paths"][k[1]][k[0]]) for k in OPERATIONS):
+        ok = next(code for code in op["responses"] if code.startswith("2"))
+        assert op["responses"][ok]["content"], (method, path)  # a schema for JSON, text/plain for logs and metrics
+
+
+def test_the_job_spec_is_documented_field_by_field_with_its_limits(make_client):
+    with make_client() as c:
+        doc = c.get("/openapi.json").json()
+    body = doc["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    kinds = {"pretrain": "PretrainSpec", "evaluate": "EvaluateSpec", "tune": "TuneSpec"}
+    assert body["discriminator"] == {"propertyName": "kind", "mapping": {
+        kind: f"#/components/schemas/{model}" for kind, model in kinds.items()}}
+    schemas = doc["components"]["schemas"]
+    assert set(schemas["PretrainSpec"]["properties"]) >= {"kind", "name", "data", "optim", "scaling", "register"}
+    assert schemas["OptimSpec"]["properties"]["lr"]["exclusiveMinimum"] == 0.0
+    assert schemas["OptimSpec"]["properties"]["lr"]["maximum"] == 100.0
+    assert schemas["EvaluateSpec"]["required"] == ["encoder"] and set(schemas["TuneSpec"]["required"]) == {"base", "space"}
+
+
 def test_status_and_kind_filters_say_what_they_accept(make_client):
     with make_client() as c:
         params = {p["name"]: p["schema"] for p in c.get("/openapi.json").json()["paths"]["/v1/jobs"]["get"]["parameters"]}

@@ -1,13 +1,16 @@
-"""Where the embedded Ray head keeps its session (its logs, every job driver's log included)."""
+"""The embedded Ray head (service/cluster.py): where it keeps its session (its logs, every job driver's
+log included), the token it authenticates with, and the environment it starts in."""
 
 from __future__ import annotations
 
 import shutil
 import stat
+import sys
 import tempfile
 from pathlib import Path
 
-from service.cluster import MAX_TEMP_DIR, session_dir
+from leoclr_core import contract
+from service.cluster import MAX_TEMP_DIR, _ray_env, ensure_auth_token, session_dir
 
 
 def _private(path):
@@ -30,3 +33,27 @@ def test_a_long_data_directory_gets_a_short_private_folder_found_again(tmp_path)
     assert len(str(got)) <= MAX_TEMP_DIR and _private(got) and not str(got).startswith("/tmp/ray")
     assert session_dir(data) == got  # the same folder for the next head of this data directory
     assert (data / "ray-session").resolve() == got
+
+
+def test_the_embedded_head_gets_an_auth_token_on_a_machine_where_ray_never_ran(tmp_path, monkeypatch):
+    # `ray start` with token auth refuses to start without one (ray.init would make its own), so
+    # `make run` on a fresh machine failed before any test had run Ray there.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    ray = str(Path(sys.executable).with_name("ray"))
+    token = tmp_path / ".ray" / "auth_token"
+
+    ensure_auth_token(ray)
+    first = token.read_text().strip()
+    assert len(first) >= 32 and token.stat().st_mode & 0o777 == 0o600
+    ensure_auth_token(ray)  # an existing token is kept: the running head and its clients share it
+    assert token.read_text().strip() == first
+
+
+def test_the_embedded_head_starts_in_rays_one_environment_without_the_apis_mlflow_timeouts(monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    env = _ray_env()
+    assert {k: env[k] for k in contract.RAY_ENV} == contract.RAY_ENV
+    assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in env

@@ -12,6 +12,9 @@ from service.admission import Admission
 from service.reconcile import RayHealth, reconcile_once
 from service.runner import JobGone
 from service.store import JobStore
+from service.tracking import LazyTracking, Unavailable
+
+from .fakes import SPEC, FakeRunner, driver_run, mlflow_store
 
 TINY = {"kind": "pretrain", "name": "tiny", "data": {"num_images": 256}, "loss": {"queue_size": 64},
         "optim": {"batch_size": 32}, "augment": {"device": "gpu"}}  # views on the worker: 2 CPUs a job
@@ -46,7 +49,7 @@ class Cluster:
         return True
 
     def logs(self, submission_id):
-        return '{"knn_top1": 50.0}\n'
+        return "epoch 1/1\n"
 
     def ping(self):
         self._answer()
@@ -82,10 +85,11 @@ def test_jobs_beyond_what_fits_wait_queued_and_start_in_order_as_others_finish(s
     ray = Cluster(cpus=4)  # two 2-CPU jobs fit; the default limit is also 4 // 2 = 2
     gate = Admission(ray)
     jobs = add(store, 5)
+    results = {jobs[1].id: {"knn_top1": 50.0}}  # what the second job's driver logged to MLflow
     reconcile_once(store, ray, gate)
     assert statuses(store, jobs) == ["running", "running", "queued", "queued", "queued"]
     ray.jobs[f"leoclr-{jobs[1].id}"] = "succeeded"
-    reconcile_once(store, ray, gate)
+    reconcile_once(store, ray, gate, read_result=lambda job: results.get(job.id))
     assert statuses(store, jobs) == ["running", "succeeded", "running", "queued", "queued"]
     assert store.get(jobs[1].id).result == {"knn_top1": 50.0}
     for _ in range(3):
@@ -197,3 +201,34 @@ def test_a_head_with_no_node_registered_yet_refuses_nothing_and_admits_nothing(s
     (job,) = add(store, 1)
     reconcile_once(store, ray, gate)
     assert store.get(job.id).status == "queued"
+
+
+def test_reconcile_follows_ray_to_the_end_and_keeps_the_result(tmp_path):
+    uri, ml = mlflow_store(tmp_path)
+    store = JobStore(f"sqlite:///{tmp_path}/jobs.db")
+    runner = FakeRunner()
+    job, _ = store.create("pretrain", "r", SPEC)
+    store.update(job.id, submission_id=runner.submit(job.id, SPEC))
+    results = LazyTracking(uri).result
+    assert reconcile_once(store, runner, read_result=results) == 1 and store.get(job.id).status == "running"
+    assert reconcile_once(store, runner, read_result=results) == 0
+    driver_run(ml, job.id, "r", {"registry_uri": "models:/x@candidate", "knn_top1": 40.0})
+    runner.state = "succeeded"
+    assert reconcile_once(store, runner, read_result=results) == 1
+    done = store.get(job.id)
+    assert done.status == "succeeded" and done.result["registry_uri"] == "models:/x@candidate"
+    assert store.unfinished() == []
+
+
+def test_a_job_that_ends_while_mlflow_is_down_is_recorded_finished_without_a_result(store):
+    ray = Cluster(cpus=4)
+    (job,) = add(store, 1)
+    reconcile_once(store, ray, Admission(ray))
+    ray.jobs[f"leoclr-{job.id}"] = "succeeded"
+
+    def mlflow_down(job):
+        raise Unavailable("MLflow at the tracking URI could not be read: connection refused")
+
+    reconcile_once(store, ray, Admission(ray), read_result=mlflow_down)
+    got = store.get(job.id)
+    assert got.status == "succeeded" and got.result is None  # GET /v1/jobs/{id} reads it again later
