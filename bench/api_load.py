@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 
-from service.client import ApiClient
+from leoclr_core.cli.client import ApiClient
 
 LOAD_SPEC = {
     "kind": "pretrain", "name": "loadtest",
@@ -118,7 +118,7 @@ def main() -> None:
     if a.url:
         run(ApiClient(url=a.url), a.job, a.requests, a.concurrency, a.seconds)
         return
-    from service.embedded import embedded_service
+    from leoclr_core.cli.embedded import embedded_service
 
     with embedded_service() as client:
         run(client, None, a.requests, a.concurrency, a.seconds)

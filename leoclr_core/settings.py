@@ -62,6 +62,24 @@ def prepare_sqlite(url: str) -> None:
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
 
 
+class ClientSettings(CoreSettings):
+    """The variables the client commands read (the service reads the same ones: the token it
+    accepts, and the data directory it writes the generated token into)."""
+
+    api_token: str | None = Field(
+        default=None, validation_alias=AliasChoices("LEOCLR_API_TOKEN"),
+        description="Bearer token of the API; unset: generated into <data dir>/api-token (mode 0600).",
+    )
+    api_url: str = Field(
+        default="http://127.0.0.1:8000", validation_alias=AliasChoices("LEOCLR_API_URL"),
+        description="Where the client commands (leoclr submit, status, logs, cancel, models) find the API.",
+    )
+
+    @property
+    def token_file(self) -> Path:
+        return self.home / "api-token"
+
+
 def core_settings() -> CoreSettings:
     """Read afresh each call, so that tests and the service can change the environment."""
     return CoreSettings()

@@ -1,17 +1,20 @@
 """A small client of the REST API (httpx): what `leoclr submit|status|logs|cancel|models` use.
 
 The API's address comes from LEOCLR_API_URL; the token from LEOCLR_API_TOKEN or, on the machine
-the service runs on, the token file it wrote into the data directory.
+the service runs on, the token file it wrote into the data directory. The client never imports
+the service: it knows it only through its routes and these variables.
 """
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import httpx
 
-from service.settings import ServiceSettings
+from leoclr_core.settings import ClientSettings
 
 FINISHED = ("succeeded", "failed", "cancelled", "lost")
 
@@ -32,8 +35,8 @@ def _detail(r: httpx.Response) -> str:
 
 class ApiClient:
     def __init__(self, url: str | None = None, token: str | None = None,
-                 settings: ServiceSettings | None = None, timeout: float = 30.0, http: httpx.Client | None = None):
-        s = settings or ServiceSettings()
+                 settings: ClientSettings | None = None, timeout: float = 30.0, http: httpx.Client | None = None):
+        s = settings or ClientSettings()
         if http is not None:  # an already configured client (tests: FastAPI's TestClient)
             self.url, self.http = str(http.base_url).rstrip("/"), http
             return
@@ -110,3 +113,31 @@ class ApiClient:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {job['status']} after {timeout} s")
             time.sleep(interval)
+
+
+def follow(client: ApiClient, job_id: str, on_update: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """`client.wait` for a job, where a Ctrl-C raises KeyboardInterrupt at the next poll at the latest.
+
+    Python drops a KeyboardInterrupt that lands while a finaliser (a `__del__`, a weakref callback)
+    runs; a Ctrl-C lost that way would leave `make run` following a job it was asked to stop. So the
+    handler also sets a flag that every poll checks."""
+    interrupted = threading.Event()
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        interrupted.set()
+        raise KeyboardInterrupt
+
+    def update(job: dict[str, Any]) -> None:
+        if interrupted.is_set():
+            raise KeyboardInterrupt
+        on_update(job)
+
+    try:
+        previous = signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not the main thread: Python's own handler stays
+        previous = None
+    try:
+        return client.wait(job_id, on_update=update)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)

@@ -2,28 +2,34 @@
 
 The service runs as a child in its own session, so a Ctrl-C in the terminal reaches only the
 client, which cancels its job over REST first and then stops the service (and with it the
-embedded Ray head) with the same SIGINT a user would send it.
+embedded Ray head) with the same SIGINT a user would send it. The service is started as a
+command (`python -m leoclr_core.cli serve`, added by the service's entry point), never imported.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from contextlib import contextmanager
 from typing import Iterator
 
-from service.client import ApiClient
-from service.cluster import free_port
-from service.settings import ServiceSettings
+from leoclr_core.cli.client import ApiClient, ClientSettings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @contextmanager
-def embedded_service(num_cpus: int | None = None, settings: ServiceSettings | None = None,
+def embedded_service(num_cpus: int | None = None, settings: ClientSettings | None = None,
                      timeout: float = 180.0) -> Iterator[ApiClient]:
-    s = settings or ServiceSettings()
+    s = settings or ClientSettings()
     s.home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     cmd = [sys.executable, "-m", "leoclr_core.cli", "serve", "--port", str(port)]
