@@ -26,22 +26,22 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
 import torchvision
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, RandomSampler
 
-from leoclr_core.data import ImageSource, SyntheticObjects, build_source, collate_images
-from leoclr_core.data.jpeg import EncodedImages, collate_jpeg_or_pixels, decode_resize_batch
-from leoclr_core.training.engine import Runtime, build_optimizer, prepare_method, resolve_runtime, train_step
-from leoclr_core.nn.methods import MomentumMethod, build_method
+from leoclr_core.data import ImageSource, SyntheticObjects, build_source
+from leoclr_core.data.jpeg import EncodedImages
 from leoclr_core.data.prefetch import Prefetcher
+from leoclr_core.nn.methods import MomentumMethod, build_method
 from leoclr_core.spec.models import PretrainSpec, SpecError, load_spec
-from leoclr_core.training.pretrain import ViewDataset, augments_batched, batched_views, collate_views, resize_for_batching
-from leoclr_core.views.transforms import make_view_transform
+from leoclr_core.training.engine import Runtime, build_optimizer, prepare_method, resolve_runtime, train_step
+from leoclr_core.training.feed import ViewFeed, resize_for_batching
+from leoclr_core.spec.placement import InputPlacement
 
 DEFAULT_SPEC = "configs/demo.yaml"
 JPEG_QUALITY = 90
@@ -217,15 +217,20 @@ def bench_images(spec: PretrainSpec, count: int) -> ImageSource:
 
 @dataclass
 class Feed:
-    """The end-to-end input path of one config: what the loader serves and how a batch becomes views."""
+    """The end-to-end input path of one config: the product's feed (`ViewFeed`) over the prepared
+    images, and what those images are."""
 
-    dataset: Dataset
-    collate: Callable
-    batched: bool
+    view_feed: ViewFeed
     jpeg: bool
-    device_decode: bool = False  # JPEGs decoded on the training device (else by the loader workers)
     jpeg_bytes: int = 0  # total encoded size: synthetic scenes compress far better than photographs
-    px: int = 0  # side of the (square) images, which device-decoded JPEGs are resized to
+
+    @property
+    def batched(self) -> bool:
+        return self.view_feed.placement.views_on_device
+
+    @property
+    def device_decode(self) -> bool:  # JPEGs decoded on the training device (else by the loader workers)
+        return self.view_feed.placement.decode_on_device
 
     def describe(self, device: torch.device) -> str:
         where = "nvJPEG" if device.type == "cuda" else "CPU"
@@ -236,61 +241,39 @@ class Feed:
 DECODE_PLACES = ("device", "workers")
 
 
-def build_feed(spec: PretrainSpec, runtime: Runtime, images: ImageSource, jpeg: bool,
-               decode: str = "device") -> Feed:
-    """Wrap `images` for the loader (JPEG-encoding them once when `jpeg`); not part of any timing.
-    With batched views, `decode` says where JPEGs are decoded: on the training device (the
+def build_feed(spec: PretrainSpec, method: MomentumMethod, runtime: Runtime, images: ImageSource, jpeg: bool,
+               decode: str = "device", compile_views: bool | None = None) -> Feed:
+    """The product's feed over `images` (JPEG-encoding them once when `jpeg`); not part of any
+    timing. With batched views, `decode` says where JPEGs are decoded: on the training device (the
     product's image-folder path, `data.decode: gpu`) or by the loader workers (`cpu`)."""
     if decode not in DECODE_PLACES:
         raise ValueError(f"decode must be one of {DECODE_PLACES}, got {decode!r}")
-    if augments_batched(spec, runtime):
-        if jpeg and decode == "device":
-            encoded = EncodedImages(images, JPEG_QUALITY)
-            return Feed(encoded, collate_jpeg_or_pixels, True, True, True, encoded.nbytes, images.fixed_size or 0)
-        if jpeg:
-            encoded = EncodedImages(images, JPEG_QUALITY, decode=True)
-            return Feed(encoded, collate_images, True, True, False, encoded.nbytes)
-        return Feed(images, collate_images, True, False)
-    d = spec.data
+    placement = InputPlacement.for_process(spec, runtime.device.type)
+    # The spec's source is synthetic (nothing to decode by its rule): the bench says where JPEGs go.
+    placement = replace(placement, decode_on_device=jpeg and decode == "device" and placement.views_on_device)
     source = EncodedImages(images, JPEG_QUALITY, decode=True) if jpeg else images
-    transform = make_view_transform(spec.method, spec.augment, d.image_size, d.mean, d.std)
-    nbytes = source.nbytes if isinstance(source, EncodedImages) else 0
-    return Feed(ViewDataset(source, transform), collate_views, False, jpeg, False, nbytes)
+    view_feed = ViewFeed(spec, method, runtime, source, placement, compile_views=compile_views)
+    return Feed(view_feed, jpeg, source.nbytes if isinstance(source, EncodedImages) else 0)
 
 
-def view_batches(feed: Feed, spec: PretrainSpec, method: MomentumMethod, runtime: Runtime,
-                 workers: int, num_batches: int, prefetch: int = 2,
-                 compile_views: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
+def view_batches(feed: Feed, spec: PretrainSpec, runtime: Runtime, workers: int, num_batches: int,
+                 prefetch: int = 2) -> Iterator[tuple[torch.Tensor, ...]]:
     """`num_batches` batches of views on the device, cycling through the dataset as often as needed.
 
     With `prefetch` > 0 on a GPU, decoding and views run that many batches ahead on a side stream.
     """
-    b, cuda = spec.optim.batch_size, runtime.device.type == "cuda"
-    sampler = RandomSampler(feed.dataset, num_samples=num_batches * b,
+    f = feed.view_feed
+    sampler = RandomSampler(f.dataset, num_samples=num_batches * spec.optim.batch_size,
                             generator=torch.Generator().manual_seed(spec.seed))
     loader = DataLoader(
-        feed.dataset, batch_size=b, sampler=sampler, drop_last=True, collate_fn=feed.collate,
-        # JPEG bytes stay pageable: nvJPEG may read pinned input after decode returns, when the
-        # loader could already be refilling that pinned block with the next batch.
-        num_workers=workers, pin_memory=cuda and not feed.device_decode, persistent_workers=workers > 0,
+        f.dataset, batch_size=spec.optim.batch_size, sampler=sampler, drop_last=True, collate_fn=f.collate,
+        num_workers=workers, pin_memory=f.pin_memory, persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
     )
-    maker = batched_views(spec, method.view_kinds, runtime, compile_views) if feed.batched else None
-
-    def prepare(item) -> tuple[torch.Tensor, ...]:
-        payload = item[0]
-        if maker is None:
-            return tuple(runtime.to_device(v) for v in payload)
-        if feed.device_decode:
-            images = decode_resize_batch(payload, feed.px, runtime.device)[0]
-        else:
-            images = payload.to(runtime.device, non_blocking=True)
-        return tuple(runtime.to_device(v) for v in maker(images))
-
     if prefetch > 0:
-        yield from Prefetcher(loader, prepare, runtime.device, depth=prefetch)
+        yield from Prefetcher(loader, f.prepare, runtime.device, depth=prefetch)
     else:
-        yield from map(prepare, loader)
+        yield from map(f.prepare, loader)
 
 
 # ---------------------------------------------------------------- one benchmark
@@ -316,7 +299,8 @@ def run_bench(spec: PretrainSpec, *, device: torch.device, steps: int, warmup: i
     m = spec.loss.momentum
 
     log(f"compute-only: {warmup} warm-up{' (compiling)' if runtime.compile else ''} + {steps} timed steps")
-    dtype = runtime.view_dtype if augments_batched(spec, runtime) else torch.float32
+    on_device = InputPlacement.for_process(spec, runtime.device.type).views_on_device
+    dtype = runtime.view_dtype if on_device else torch.float32
     views = [random_views(method, runtime, b, size, dtype)]  # a list, so the memory is freed right after
     compute = measure(lambda: train_step(method, optimizer, views[0], m, runtime), warmup, steps, b, device)
     # Printed at once, so a run cut short during the end-to-end phase still leaves this figure.
@@ -334,13 +318,14 @@ def run_bench(spec: PretrainSpec, *, device: torch.device, steps: int, warmup: i
     count = max(b, min(max_images, (warmup + steps) * b, spec.data.num_images or max_images))
     log(f"preparing {count} images ({data}) for the end-to-end run")
     t0 = time.perf_counter()
-    feed = build_feed(spec, runtime, bench_images(spec, count), jpeg=data == "jpeg", decode=decode)
+    if compile_views is None:
+        compile_views = runtime.compile_views
+    feed = build_feed(spec, method, runtime, bench_images(spec, count), jpeg=data == "jpeg", decode=decode,
+                      compile_views=compile_views)
     data_s = time.perf_counter() - t0
     log(f"end-to-end ({feed.describe(device)}, {workers} loader workers): "
         f"{warmup} warm-up + {steps} timed steps")
-    if compile_views is None:
-        compile_views = runtime.compile_views
-    batches = view_batches(feed, spec, method, runtime, workers, warmup + steps + profile, prefetch, compile_views)
+    batches = view_batches(feed, spec, runtime, workers, warmup + steps + profile, prefetch)
     e2e = measure(lambda: train_step(method, optimizer, next(batches), m, runtime), warmup, steps, b, device)
     log(f"end-to-end: {e2e.instances_per_s:,.0f} instances/s (first step {e2e.first_step_s or 0:.1f} s)")
     if profile:

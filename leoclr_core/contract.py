@@ -39,11 +39,27 @@ TAG_SERVICE_JOB = "leoclr.service_job"  # the service's job id
 TAG_RUN_ID = "leoclr.run_id"  # on a model version: the run that made it
 TAG_TRIAL = "leoclr.trial"  # on a search's child run: its trial's name
 TAG_STOPPED_EARLY = "leoclr.stopped_early"  # on a child run the scheduler stopped: "true"
+TAG_CHECKPOINT_EPOCH = "leoclr.checkpoint_epoch"  # on a pretrain run: the epoch of checkpoints/latest
+TAG_ENCODER = "leoclr.encoder"  # on an evaluate run: the encoder URI it evaluated
+TAG_BEST_TRIAL, TAG_BEST_RUN_ID = "leoclr.best_trial", "leoclr.best_run_id"  # on a search's parent run
 
-# Metrics the service builds a job's progress from (logged by rank 0 with each step record).
+# Tags of a registered model version, one per number: `metric.<name>` the final metrics of the run
+# that made it, `eval.<evaluate job>.<name>` the results of each evaluate job that evaluated it.
+VERSION_METRIC_PREFIX = "metric."
+VERSION_EVAL_PREFIX = "eval."
+
+# Metric keys of a pretrain run: per log window `train/<key>` (x-axis: global step), per epoch
+# `epoch/<key>` (x-axis: epoch), evaluations and `skipped_files` as they are, and progress.
+TRAIN_PREFIX, EPOCH_PREFIX, PROGRESS_PREFIX = "train/", "epoch/", "progress/"
 M_STEP, M_TOTAL, M_EPOCH, M_EPOCHS, M_ETA = (
     "progress/step", "progress/total_steps", "progress/epoch", "progress/epochs", "progress/eta_s")
 M_LOSS, M_IPS, M_KNN = "train/loss", "train/instances_per_s", "knn_top1"
+M_EPOCH_LOSS, M_EPOCH_IPS = "epoch/loss", "epoch/instances_per_s"
+
+
+def numbers(values: dict[str, object]) -> dict[str, int | float]:
+    """The numeric entries of a record (bools are not numbers here): what is logged or tagged as a metric."""
+    return {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:

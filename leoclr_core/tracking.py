@@ -28,7 +28,7 @@ from leoclr_core.contract import TAG_JOB, TAG_KIND, TAG_STORAGE
 from leoclr_core.nn.model import ImageEncoder
 from leoclr_core.settings import CoreSettings, core_settings, prepare_sqlite
 from leoclr_core.spec.models import DataSpec, ModelSpec, RegisterSpec, flatten
-from leoclr_core.training.pretrain import Callbacks, RunState
+from leoclr_core.training.callbacks import Callbacks, RunState
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def _metric_key(name: str) -> str:
 def log_metrics(c: MlflowClient, run_id: str, values: dict[str, Any], step: int, prefix: str = "") -> None:
     now = int(time.time() * 1000)
     metrics = [Metric(_metric_key(f"{prefix}{k}"), float(v), now, int(step))
-               for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+               for k, v in contract.numbers(values).items()]
     if metrics:
         c.log_batch(run_id, metrics=metrics)
 
@@ -184,14 +184,15 @@ class MlflowCallbacks(Callbacks):
 
     def on_log(self, record: dict[str, Any]) -> None:
         step = record["step"]
-        values = {f"train/{k}": record[k] for k in self.STEP_KEYS if k in record}
+        values = {f"{contract.TRAIN_PREFIX}{k}": record[k] for k in self.STEP_KEYS if k in record}
         values.update(self._progress(step, record.get("epoch", 0)))
         self._safe("step metrics", log_metrics, self.client, self.run_id, values, step)
 
     def on_epoch(self, record: dict[str, Any], state: RunState) -> None:
         values = {k: v for k, v in record.items() if k not in self.EPOCH_SKIP}
         top = {k: values.pop(k) for k in list(values) if k.startswith(("knn", "linear")) or k == "skipped_files"}
-        self._safe("epoch metrics", log_metrics, self.client, self.run_id, values, record["epoch"], "epoch/")
+        self._safe("epoch metrics", log_metrics, self.client, self.run_id, values, record["epoch"],
+                   contract.EPOCH_PREFIX)
         self._safe("eval metrics", log_metrics, self.client, self.run_id, top, record["epoch"])
         # An epoch shorter than a log window has no step record: progress moves here too.
         self._safe("progress", log_metrics, self.client, self.run_id, self._progress(record["step"], record["epoch"]),
@@ -202,7 +203,8 @@ class MlflowCallbacks(Callbacks):
         checkpoint (Ray Train's storage keeps `checkpoint.keep` of them)."""
         if self.log_checkpoints:
             self._safe("checkpoint upload", self.client.log_artifact, self.run_id, str(path), "checkpoints/latest")
-            self._safe("checkpoint tag", self.client.set_tag, self.run_id, "leoclr.checkpoint_epoch", str(epoch))
+            self._safe("checkpoint tag", self.client.set_tag, self.run_id, contract.TAG_CHECKPOINT_EPOCH,
+                       str(epoch))
 
 
 @dataclass
@@ -287,11 +289,18 @@ def _register(c: MlflowClient, run_id: str, register: RegisterSpec, version: str
     """Point the alias at `version` and tag it with the run's metrics, the run, and the job."""
     name = str(register.model_name)
     c.set_registered_model_alias(name, register.alias, version)
-    tags = {f"metric.{k}": str(v) for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    for k, v in {**tags, contract.TAG_RUN_ID: run_id, **_service_tags()}.items():
-        c.set_model_version_tag(name, version, k, v)
+    tag_version(c, name, version, contract.VERSION_METRIC_PREFIX, metrics,
+                {contract.TAG_RUN_ID: run_id, **_service_tags()})
     return RegisteredEncoder(f"runs:/{run_id}/{ENCODER_ARTIFACT}", name, version, register.alias)
+
+
+def tag_version(c: MlflowClient, name: str, version: str, prefix: str, metrics: dict[str, Any],
+                extra: dict[str, str] | None = None) -> None:
+    """Tag a model version with each number of `metrics` as `<prefix><key>` (contract's version
+    tags), and with `extra` as it is."""
+    tags = {f"{prefix}{k}": str(v) for k, v in contract.numbers(metrics).items()}
+    for k, v in {**tags, **(extra or {})}.items():
+        c.set_model_version_tag(name, version, k, v)
 
 
 def register_logged_encoder(run_id: str, register: RegisterSpec, metrics: dict[str, Any],
@@ -365,15 +374,12 @@ def log_evaluation(spec_name: str, spec: Any, results: dict[str, Any], encoder_u
     c = client(settings)
     exp = ensure_experiment(c, spec_name, settings)
     run = c.create_run(exp, run_name=spec_name, tags={TAG_JOB: spec_name, TAG_KIND: "evaluate",
-                                                       "leoclr.encoder": encoder_uri, **_service_tags()})
+                                                       contract.TAG_ENCODER: encoder_uri, **_service_tags()})
     _log_params(c, run.info.run_id, spec)
     log_metrics(c, run.info.run_id, results, step=0)
     version = resolve_version(encoder_uri, settings)
     if version is not None:
-        name, v = version
-        for k, val in results.items():
-            if isinstance(val, (int, float)) and not isinstance(val, bool):
-                c.set_model_version_tag(name, v, f"eval.{spec_name}.{k}", str(val))
+        tag_version(c, *version, f"{contract.VERSION_EVAL_PREFIX}{spec_name}.", results)
     c.set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id
 

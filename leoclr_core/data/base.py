@@ -9,8 +9,6 @@ tried, wrapping round), counted, and logged once; only a source where *every* fi
 from __future__ import annotations
 
 import logging
-import math
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -125,28 +123,6 @@ class ImageSource(Dataset):
         size = f"{self.fixed_size}px" if self.fixed_size else "variable size"
         classes = f"{self.num_classes} classes" if self.num_classes else "unlabelled"
         return f"<{type(self).__name__} {self.name} {self.split}: {len(self)} images, {size}, {classes}>"
-
-    def save_preview(self, path: str | Path, n: int = 32, cols: int = 8, upscale: int = 2) -> Path:
-        """Write the first `n` images as a PNG grid (for READMEs and for eyeballing a source)."""
-        from PIL import Image
-
-        if n < 1 or cols < 1 or upscale < 1:
-            raise ValueError(f"n, cols and upscale must be >= 1, got {n}, {cols}, {upscale}")
-        n = min(n, len(self))
-        images = [self[i][0] for i in range(n)]
-        side = self.fixed_size or max(max(im.shape[1:]) for im in images)
-        rows, gap = math.ceil(n / cols), 2
-        cell = side * upscale + gap
-        grid = np.full((rows * cell + gap, min(n, cols) * cell + gap, 3), 255, np.uint8)
-        for k, im in enumerate(images):
-            im = resize_square(im, side).permute(1, 2, 0).numpy()
-            im = np.repeat(np.repeat(im, upscale, axis=0), upscale, axis=1)
-            y, x = gap + (k // cols) * cell, gap + (k % cols) * cell
-            grid[y : y + im.shape[0], x : x + im.shape[1]] = im
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(grid).save(path)
-        return path
 
 
 class InMemorySource(ImageSource):

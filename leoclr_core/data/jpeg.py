@@ -15,6 +15,7 @@ synthetic scenes cost what photographs cost to feed).
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import warnings
@@ -53,6 +54,7 @@ class EncodedImages(Dataset):
             raise ValueError(f"nothing to encode: {len(source)} images in the source, {num_images} asked for")
         self.quality, self.decode = quality, decode
         self.name, self.split = f"{source.name}-jpeg", source.split
+        self.fixed_size = source.fixed_size
         self.labelled, self.classes = source.labelled, source.classes
         self.encoded: list[torch.Tensor] = []
         self.labels: list[int] = []
@@ -68,6 +70,13 @@ class EncodedImages(Dataset):
     def nbytes(self) -> int:
         """Total encoded size: what the loader moves instead of raw pixels."""
         return sum(e.numel() for e in self.encoded)
+
+    def encoded_copy(self) -> "EncodedImages":
+        """The same images served as JPEG bytes, for a feed that decodes on the training device
+        (the contract of the file sources' `encoded_copy`)."""
+        other = copy.copy(self)
+        other.decode = False
+        return other
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         data = self.encoded[index]

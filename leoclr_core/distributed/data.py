@@ -13,8 +13,9 @@ Pipeline of a pretrain job (built on the driver, executed afresh every epoch):
          their own device (`augment.device` gpu, or auto with GPUs or with `data.decode` gpu)
       -> streaming_split(num_workers, equal=True) -> `get_dataset_shard` in each worker
 
-When the training workers decode (`decodes_on_worker`: `data.decode` gpu, or auto with GPU
-workers that make the views), the baseline JPEGs of an image folder or Parquet source travel as
+Where views are made and JPEGs decoded is `InputPlacement.for_ray_workers` (training.placement).
+When the training workers decode (`data.decode` gpu, or auto with GPU workers that make the
+views), the baseline JPEGs of an image folder or Parquet source travel as
 their file bytes and each worker decodes its batch on its device as the in-process feed does
 (`jpeg.decode_resize_batch`: nvJPEG on CUDA): decoding, the costliest part of the input, leaves
 the CPUs.
@@ -46,19 +47,19 @@ import torch
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from leoclr_core.nn import collectives as dist
-from leoclr_core.views.batched import BatchedViews
 from leoclr_core.data import as_hwc_array
 from leoclr_core.data.base import CorruptImageError, resize_square
 from leoclr_core.data.imagefolder import EXTENSIONS, ImageFolder, decode_image
 from leoclr_core.data.jpeg import collate_jpeg_or_pixels, decode_resize_batch, device_decodable
 from leoclr_core.data.parquet import cell_bytes, parquet_split_paths
-from leoclr_core.training.engine import Runtime
-from leoclr_core.nn.methods import METHOD_REGISTRY, MomentumMethod
 from leoclr_core.data.prefetch import Prefetcher
-from leoclr_core.spec.resources import augments_on_worker
+from leoclr_core.nn import collectives as dist
+from leoclr_core.nn.methods import METHOD_REGISTRY, MomentumMethod
 from leoclr_core.spec.models import PretrainSpec
-from leoclr_core.training.pretrain import Feed, batched_views, device_decodes, epoch_seed, job_source, resize_for_batching
+from leoclr_core.training.engine import Runtime
+from leoclr_core.training.feed import Feed, epoch_seed, job_source, resize_for_batching, view_maker
+from leoclr_core.spec.placement import InputPlacement
+from leoclr_core.views.batched import BatchedViews
 from leoclr_core.views.transforms import make_view_transform
 
 log = logging.getLogger(__name__)
@@ -79,18 +80,6 @@ class SkipCounter:
 
     def count(self) -> int:
         return len(self.paths)
-
-
-def augment_on_worker(spec: PretrainSpec) -> bool:
-    """Views made by the training workers on their device (images are streamed: on their GPU, or
-    wherever `data.decode` gpu sends the images), or by CPU actors."""
-    return augments_on_worker(spec)
-
-
-def decodes_on_worker(spec: PretrainSpec) -> bool:
-    """JPEGs (of an image folder or Parquet source) streamed encoded and decoded by the training
-    workers on their device."""
-    return device_decodes(spec, augment_on_worker(spec), spec.scaling.use_gpu)
 
 
 def is_uri(path: str) -> bool:
@@ -227,6 +216,8 @@ def build_dataset(spec: PretrainSpec, counter: Any | None = None,
     """The training stream of `spec` and the number of images it holds (before unreadable ones).
     With a placement group (the job's data CPUs), every task and actor of the stream runs in it."""
     d = spec.data
+    placed = InputPlacement.for_ray_workers(spec)
+    decode = keep_jpegs if placed.decode_on_device else decode_batch
     inside = {} if placement_group is None else {
         "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group)}
     if d.source == "imagefolder":
@@ -240,8 +231,7 @@ def build_dataset(spec: PretrainSpec, counter: Any | None = None,
                                  num_test=d.num_test_images, seed=d.seed)
             paths = [str(p) for p in folder.files]
         ds = ray.data.read_binary_files(paths, include_paths=True, ray_remote_args=inside or None)
-        ds = ds.map_batches(keep_jpegs if decodes_on_worker(spec) else decode_batch,
-                            fn_kwargs={"size": size, "counter": counter}, batch_size=64, **inside)
+        ds = ds.map_batches(decode, fn_kwargs={"size": size, "counter": counter}, batch_size=64, **inside)
         n = len(paths)
     elif d.source == "parquet":
         size = resize_for_batching(d)
@@ -251,16 +241,15 @@ def build_dataset(spec: PretrainSpec, counter: Any | None = None,
         if d.num_images is not None:
             ds = ds.limit(d.num_images)
         n = ds.count()  # from the files' metadata
-        ds = ds.map_batches(keep_jpegs if decodes_on_worker(spec) else decode_batch,
-                            fn_kwargs={"size": size, "counter": counter, "column": d.image_column}, batch_size=64,
-                            **inside)
+        ds = ds.map_batches(decode, fn_kwargs={"size": size, "counter": counter, "column": d.image_column},
+                            batch_size=64, **inside)
     else:
         images = as_hwc_array(job_source(d, "train"))
         n = len(images)
         # Column "data", from_numpy's own name: a rename would add a task stage for nothing.
         ds = ray.data.from_numpy([images[i:i + BLOCK_ROWS] for i in range(0, n, BLOCK_ROWS)])
     ds = ds.randomize_block_order()
-    if not augment_on_worker(spec):
+    if not placed.views_on_device:
         s = spec.scaling
         args = {"spec_json": spec.model_dump(mode="json"), "threads": int(s.data_cpus_per_worker)}
         common = {"num_cpus": s.data_cpus_per_worker, "batch_size": max(32, spec.optim.batch_size // s.num_workers),
@@ -288,10 +277,9 @@ class RayFeed(Feed):
         if self.steps_per_epoch == 0:
             raise ValueError(f"{num_images} images make no full batch of {self.batch} per worker")
         self.kinds = method.view_kinds
-        self.maker = None
-        if augment_on_worker(spec):
-            self.maker = batched_views(spec, self.kinds, runtime)
-        self.device_decode = decodes_on_worker(spec)
+        placed = InputPlacement.for_ray_workers(spec)
+        self.maker = view_maker(spec, self.kinds, runtime) if placed.views_on_device else None
+        self.device_decode = placed.decode_on_device
         self.px = resize_for_batching(spec.data)
         self.skipped = 0
 

@@ -29,10 +29,8 @@ can never take them, so a job placed on exactly the CPUs it asks for runs to its
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,92 +43,29 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
-from leoclr_core import tracking
+from leoclr_core import contract, tracking
+from leoclr_core.distributed.data import RayFeed, SkipCounter, build_dataset
+from leoclr_core.distributed.progress import Follower, ProgressLog, PushProgress
 from leoclr_core.nn import collectives as dist
-from leoclr_core.training.checkpoint import atomic_save, load_checkpoint
-from leoclr_core.spec.resources import data_bundles
-from leoclr_core.training.engine import Runtime
 from leoclr_core.nn.methods import MomentumMethod
 from leoclr_core.settings import CoreSettings, core_settings
 from leoclr_core.spec.models import PretrainSpec
-from leoclr_core.training.pretrain import (
-    Callbacks,
-    CheckpointStore,
-    RunState,
-    backbone_from_state,
-    pretrain,
-    save_encoder,
-    write_summary,
-)
-from leoclr_core.distributed.data import RayFeed, SkipCounter, augment_on_worker, build_dataset
+from leoclr_core.spec.resources import data_bundles
+from leoclr_core.training.callbacks import AllCallbacks, Callbacks, RunState
+from leoclr_core.training.checkpoint import CheckpointStore, OnSaved, atomic_save, backbone_from_state, load_checkpoint
+from leoclr_core.training.engine import Runtime
+from leoclr_core.training.pretrain import pretrain
+from leoclr_core.training.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
-# ---------------------------------------------------------------- progress: rank 0 -> driver
-@ray.remote(num_cpus=0)
-class ProgressLog:
-    """Records pushed by rank 0 (fire and forget), read by the driver's display thread."""
-
-    def __init__(self) -> None:
-        self.records: list[dict[str, Any]] = []
-
-    def push(self, record: dict[str, Any]) -> None:
-        self.records.append(record)
-
-    def since(self, index: int) -> list[dict[str, Any]]:
-        return self.records[index:]
-
-
-class PushProgress(Callbacks):
-    def __init__(self, actor: Any):
-        self.actor = actor
-
-    def on_start(self, state: RunState) -> None:
-        self.actor.push.remote({"type": "start", "epochs": state.epochs, "steps_per_epoch": state.steps_per_epoch,
-                                "start_epoch": state.start_epoch})
-
-    def on_log(self, record: dict[str, Any]) -> None:
-        self.actor.push.remote(record)
-
-    def on_epoch(self, record: dict[str, Any], state: RunState) -> None:
-        self.actor.push.remote(record)
-
-
-class AllCallbacks(Callbacks):
-    def __init__(self, *callbacks: Callbacks):
-        self.callbacks = callbacks
-
-    def on_start(self, state: RunState) -> None:
-        for c in self.callbacks:
-            c.on_start(state)
-
-    def on_log(self, record: dict[str, Any]) -> None:
-        for c in self.callbacks:
-            c.on_log(record)
-
-    def on_epoch(self, record: dict[str, Any], state: RunState) -> None:
-        for c in self.callbacks:
-            c.on_epoch(record, state)
-
-    def on_checkpoint(self, path: Path, epoch: int) -> None:
-        for c in self.callbacks:
-            c.on_checkpoint(path, epoch)
-
-
 # ---------------------------------------------------------------- checkpoints: ray.train.report
-def _scalars(record: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in record.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
-
-
 class RayTrainStore(CheckpointStore):
     """Every worker reports each epoch (Ray Train needs the same number of reports from all);
-    rank 0 attaches the checkpoint when one is due. `on_saved` sees the file before upload."""
-
-    def __init__(self, on_saved: Callable[[Path, int], None] | None = None):
-        self.on_saved = on_saved
+    rank 0 attaches the checkpoint when one is due. `on_saved` sees the file before its upload."""
 
     def latest(self) -> dict[str, Any] | None:
         ckpt = ray.train.get_checkpoint()
@@ -139,18 +74,17 @@ class RayTrainStore(CheckpointStore):
         with ckpt.as_directory() as d:
             return load_checkpoint(Path(d) / CHECKPOINT_FILE)
 
-    def end_epoch(self, record: dict[str, Any], state: Callable[[], dict[str, Any]] | None) -> Path | None:
-        metrics = _scalars(record)
+    def end_epoch(self, record: dict[str, Any], state: Callable[[], dict[str, Any]] | None,
+                  on_saved: OnSaved) -> None:
+        metrics = contract.numbers(record)
         if state is None:
             ray.train.report(metrics)
-            return None
+            return
         with tempfile.TemporaryDirectory(prefix="leoclr-ckpt-") as tmp:
             path = atomic_save(state(), Path(tmp) / CHECKPOINT_FILE)
-            if self.on_saved is not None:
-                self.on_saved(path, record["epoch"])
+            on_saved(path, record["epoch"])
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"epoch-{record['epoch']:04d}")
-        return None
 
 
 # ---------------------------------------------------------------- the worker
@@ -167,19 +101,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         config["progress"].push.remote({"type": "placement", "nodes": nodes})
     callbacks: list[Callbacks] = []
-    on_saved = None
     if rank == 0:
-        mlflow_cb = tracking.MlflowCallbacks(config["run_id"], log_checkpoints=spec.checkpoint.log_to_mlflow,
-                                             settings=settings)
-        callbacks += [PushProgress(config["progress"]), mlflow_cb]
-        on_saved = mlflow_cb.on_checkpoint
+        callbacks += [PushProgress(config["progress"]),
+                      tracking.MlflowCallbacks(config["run_id"], log_checkpoints=spec.checkpoint.log_to_mlflow,
+                                               settings=settings)]
 
     def feed(s: PretrainSpec, method: MomentumMethod, runtime: Runtime) -> RayFeed:
         return RayFeed(s, method, runtime, config["num_images"], config.get("counter"))
 
     try:
         pretrain(spec, device=ray.train.torch.get_device(), callbacks=AllCallbacks(*callbacks), feed=feed,
-                 store=RayTrainStore(on_saved), write_outputs=False)
+                 store=RayTrainStore(), write_outputs=False)
     except FloatingPointError as exc:
         # A diverged run is not a worker failure: restarted from its last checkpoint, it would replay
         # the same steps into the same NaN, checkpoint.max_failures times. The loss is all-reduced,
@@ -205,98 +137,6 @@ class RayRun:
     resumed_from: list[int] = field(default_factory=list)  # completed epochs each restart resumed after
     already_finished: bool = False  # the job had trained all its epochs before this call: nothing trained
     note: str | None = None  # how a re-run of a finished job was answered, for people
-
-
-def _read_records(path: Path) -> list[dict[str, Any]]:
-    try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, ValueError):
-        return []
-
-
-def _write_records(path: Path, records: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    tmp.replace(path)
-
-
-class _Follower:
-    """Reads rank 0's records off the ProgressLog actor and replays them into the caller's callbacks.
-    A worker-group restart shows up as a second "start": counted, and its repeated epochs noted."""
-
-    def __init__(self, actor: Any, callbacks: Callbacks, out: Path):
-        self.actor, self.cb, self.out = actor, callbacks, out
-        out.mkdir(parents=True, exist_ok=True)
-        self.path = out / "metrics.jsonl"
-        self.index, self.records, self.restarts, self.redone = 0, [], 0, 0
-        self.state: RunState | None = None
-        self.nodes: list[str] = []  # node id of each worker, by rank
-        self.resumed_from: list[int] = []  # the epoch each worker-group restart resumed at
-        self.last_epoch = 0
-        self.diverged: str | None = None  # the error of a run whose loss stopped being finite
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="leoclr-progress", daemon=True)
-
-    def _handle(self, r: dict[str, Any]) -> None:
-        if r["type"] == "placement":
-            self.nodes = r["nodes"]
-            return
-        if r["type"] == "diverged":
-            self.diverged = r["error"]
-            return
-        if r["type"] == "start":
-            if self.state is None:
-                self.state = RunState(out_dir=self.out, epochs=r["epochs"], steps_per_epoch=r["steps_per_epoch"],
-                                      start_epoch=r["start_epoch"])
-                self.last_epoch = r["start_epoch"]
-                if r["start_epoch"] > 0:  # a resumed job: the records its earlier driver wrote still count
-                    self.records = _read_records(self.path)
-                self.cb.on_start(self.state)
-            else:
-                self.restarts += 1
-                self.resumed_from.append(r["start_epoch"])
-                self.redone += max(0, self.last_epoch - r["start_epoch"])
-                log.warning("worker group restarted from epoch %d (last finished epoch %d)",
-                            r["start_epoch"], self.last_epoch)
-            # Records of epochs the restart will run again are dropped.
-            self.records = [x for x in self.records if x.get("epoch", 0) <= r["start_epoch"]]
-            if self.state is not None:
-                self.state.history = [x for x in self.records if x["type"] == "epoch"]
-            _write_records(self.path, self.records)
-            return
-        self.records.append(r)
-        with self.path.open("a") as fh:  # as they come, so a driver that dies leaves them behind
-            fh.write(json.dumps(r) + "\n")
-        if r["type"] == "step":
-            self.cb.on_log(r)
-        elif r["type"] == "epoch" and self.state is not None:
-            self.last_epoch = r["epoch"]
-            self.state.history.append(r)
-            self.cb.on_epoch(r, self.state)
-
-    def poll(self) -> None:
-        new = ray.get(self.actor.since.remote(self.index))
-        self.index += len(new)
-        for r in new:
-            self._handle(r)
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            try:
-                self.poll()
-            except Exception as exc:  # noqa: BLE001 - a display problem must not stop the run
-                log.debug("progress poll failed: %s", exc)
-            self.stop.wait(0.5)
-
-    def __enter__(self) -> "_Follower":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop.set()
-        self.thread.join()
-        self.poll()
-
 
 def resolve_storage(storage: str) -> str:
     """Ray Train and Tune want an absolute path (created here) or a URI."""
@@ -358,12 +198,10 @@ def run_pretrain(
         else:
             run, checkpoint_path = _fit(spec, cb, out, run_id, run_name, storage, s, train_callbacks, data_placement)
         run.seconds, run.note = time.perf_counter() - started, note
-        write_summary(out, spec, run.state.final, mlflow_run_id=run_id, storage=run.storage,
-                      checkpoint=checkpoint_path, model_uri=run.encoder.model_uri if run.encoder else None,
-                      registry_uri=run.encoder.registry_uri if run.encoder else None,
-                      model_version=run.encoder.version if run.encoder else None,
-                      restarts=run.restarts, epochs_redone=run.epochs_redone, seconds=run.seconds,
-                      worker_nodes=run.worker_nodes, resumed_from=run.resumed_from)
+        RunFolder(out).write_summary(spec, run.state.final, mlflow_run_id=run_id, storage=run.storage,
+                                     checkpoint=checkpoint_path, **_encoder_fields(run.encoder),
+                                     restarts=run.restarts, epochs_redone=run.epochs_redone, seconds=run.seconds,
+                                     worker_nodes=run.worker_nodes, resumed_from=run.resumed_from)
         outcome = "FINISHED"
         return run
     except KeyboardInterrupt:  # Ctrl-C, or the service cancelling the job (its driver gets SIGTERM)
@@ -371,6 +209,13 @@ def run_pretrain(
         raise
     finally:
         tracking.end_run(run_id, outcome, settings=s)
+
+
+def _encoder_fields(encoder: tracking.RegisteredEncoder | None) -> dict[str, str | None]:
+    """The summary's fields of the logged and registered encoder."""
+    return {"model_uri": encoder.model_uri if encoder else None,
+            "registry_uri": encoder.registry_uri if encoder else None,
+            "model_version": encoder.version if encoder else None}
 
 
 def _fit(spec: PretrainSpec, cb: Callbacks, out: Path, run_id: str, run_name: str, storage: str, s: CoreSettings,
@@ -402,7 +247,7 @@ def _fit(spec: PretrainSpec, cb: Callbacks, out: Path, run_id: str, run_name: st
             datasets={"train": dataset},
             dataset_config=ingest_config(spec),
         )
-        with _Follower(progress, cb, out) as follower:
+        with Follower(progress, cb, out) as follower:
             result = trainer.fit()
     finally:
         if data_placement is None:
@@ -440,7 +285,8 @@ def _finished(spec: PretrainSpec, out: Path, trained: ray.train.Checkpoint, run_
     final_state = _load_final(trained)
     final = final_state.get("metrics", {})
     encoder = tracking.registered_version(run_id, spec.register, settings=s)
-    records = _read_records(out / "metrics.jsonl")
+    folder = RunFolder(out)
+    records = folder.records()
     state = RunState(out_dir=out, epochs=spec.optim.epochs, steps_per_epoch=0, start_epoch=spec.optim.epochs,
                      history=[r for r in records if r.get("type") == "epoch"], final=final)
     note = (f"job {spec.name} had already finished (MLflow run {run_id}): its result is returned as it was, "
@@ -448,38 +294,28 @@ def _finished(spec: PretrainSpec, out: Path, trained: ray.train.Checkpoint, run_
     log.warning(note)
     run = RayRun(state=state, run_id=run_id, storage=path, encoder=encoder, records=records,
                  seconds=time.perf_counter() - started, already_finished=True, note=note)
-    try:
-        kept = json.loads((out / "summary.json").read_text()).get("mlflow_run_id") == run_id
-    except (OSError, ValueError):
-        kept = False
-    if not kept:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "spec.json").write_text(spec.model_dump_json(indent=2))
-        backbone, _ = backbone_from_state(final_state, "the final checkpoint")
-        save_encoder(out / "encoder.pt", backbone, spec.model,
-                     {"method": spec.method, "metrics": final, "data": spec.data.model_dump(mode="json")})
-        write_summary(out, spec, final, mlflow_run_id=run_id, storage=path, checkpoint=trained.path,
-                      model_uri=encoder.model_uri if encoder else None,
-                      registry_uri=encoder.registry_uri if encoder else None,
-                      model_version=encoder.version if encoder else None, already_finished=True)
+    if folder.summary_run_id() != run_id:
+        folder.create(spec)
+        folder.write_encoder(backbone_from_state(final_state, "the final checkpoint")[0], spec, final)
+        folder.write_summary(spec, final, mlflow_run_id=run_id, storage=path, checkpoint=trained.path,
+                             **_encoder_fields(encoder), already_finished=True)
     return run
 
 
-def _export(spec: PretrainSpec, out: Path, final_state: dict[str, Any], follower: _Follower | None, run_id: str,
+def _export(spec: PretrainSpec, out: Path, final_state: dict[str, Any], follower: Follower | None, run_id: str,
             storage: str, s: CoreSettings) -> RayRun:
     """The run folder and the registered encoder, from the final checkpoint. Without a follower
     (nothing trained in this call) the run folder's records, if any, are kept."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "spec.json").write_text(spec.model_dump_json(indent=2))
-    records = follower.records if follower is not None else _read_records(out / "metrics.jsonl")
-    _write_records(out / "metrics.jsonl", records)
+    folder = RunFolder(out)
+    folder.create(spec)
+    records = follower.records if follower is not None else folder.records()
+    folder.write_records(records)
     backbone, _ = backbone_from_state(final_state, "the final checkpoint")
     state = (follower.state if follower is not None else None) or RunState(
         out_dir=out, epochs=spec.optim.epochs, steps_per_epoch=0, start_epoch=spec.optim.epochs,
         history=[r for r in records if r.get("type") == "epoch"])
     state.final = final_state.get("metrics", {})
-    save_encoder(out / "encoder.pt", backbone, spec.model,
-                 {"method": spec.method, "metrics": state.final, "data": spec.data.model_dump(mode="json")})
+    folder.write_encoder(backbone, spec, state.final)
     encoder = tracking.log_encoder(run_id, backbone, spec.model, spec.data, spec.register,
                                    metrics=state.final, settings=s)
     if follower is None:

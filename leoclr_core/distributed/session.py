@@ -14,15 +14,10 @@ from typing import Any, Iterator
 
 import ray
 
+from leoclr_core import contract
 from leoclr_core.settings import CoreSettings, core_settings
 
 log = logging.getLogger(__name__)
-
-
-def prepare_environment() -> None:
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    # Ray Train v2 (the default in this Ray) is the API this package is written against.
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 
 def connect(address: str, log_to_driver: bool = True) -> Any:
@@ -34,7 +29,7 @@ def connect(address: str, log_to_driver: bool = True) -> Any:
 def ray_session(num_cpus: float | None = None, settings: CoreSettings | None = None,
                 log_to_driver: bool = True) -> Iterator[str]:
     """Yields the address in use. Reuses an already initialised Ray (tests, notebooks) and leaves it up."""
-    prepare_environment()
+    contract.apply_ray_environment()
     if ray.is_initialized():
         yield "existing"
         return

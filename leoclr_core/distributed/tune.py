@@ -29,7 +29,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -110,26 +110,34 @@ class MlflowTrialStatus(tune.Callback):
     def __init__(self, spec: TuneSpec, parent_run_id: str, settings: CoreSettings):
         self.spec, self.parent, self.settings = spec, parent_run_id, settings
 
-    def _close(self, trial: Any, status: str) -> None:
+    def _close(self, trial: Any, error: bool) -> None:
         try:
             run = _child_runs(self.parent, self.settings, f"tags.`{TAG_TRIAL}` = '{trial_name(trial)}'")
             if not run:
                 return
             epoch = (trial.last_result or {}).get("epoch", 0)
-            c = tracking.client(self.settings)
-            if status == "FINISHED" and epoch < self.spec.base.optim.epochs:
-                status = "KILLED"
-                c.set_tag(run[0].info.run_id, TAG_STOPPED_EARLY, "true")
-            if run[0].info.status == "RUNNING" or status == "KILLED":
-                c.set_terminated(run[0].info.run_id, status)
+            close_trial_run(tracking.client(self.settings), run[0].info.run_id, error=error,
+                            stopped_early=not error and epoch < self.spec.base.optim.epochs)
         except Exception as exc:  # noqa: BLE001 - bookkeeping must not stop the search
             log.warning("closing the MLflow run of %s failed: %s", trial, exc)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._close(trial, "FINISHED")
+        self._close(trial, error=False)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._close(trial, "FAILED")
+        self._close(trial, error=True)
+
+
+def close_trial_run(c: Any, run_id: str, *, error: bool, stopped_early: bool, force: bool = False) -> None:
+    """A trial's MLflow run closed as its trial ended: FAILED on an error, KILLED (tagged stopped
+    early) when the scheduler stopped it, else FINISHED. A run already closed keeps its status
+    unless it was stopped early or `force` (after the search, a stopped trial's own cleanup may
+    have closed its run as FAILED after this closed it as KILLED)."""
+    status = "FAILED" if error else "KILLED" if stopped_early else "FINISHED"
+    if stopped_early:
+        c.set_tag(run_id, TAG_STOPPED_EARLY, "true")
+    if force or status == "KILLED" or c.get_run(run_id).info.status == "RUNNING":
+        c.set_terminated(run_id, status)
 
 
 def _child_runs(parent_run_id: str, settings: CoreSettings, extra: str = "") -> list[Any]:
@@ -148,7 +156,6 @@ class TuneRun:
     seconds: float
     storage: str
     stopped_early: int = 0
-    artifacts: list[str] = field(default_factory=list)
     already_finished: bool = False  # the search had finished before this call: nothing ran
     note: str | None = None  # how a re-run of a finished search was answered, for people
 
@@ -301,14 +308,11 @@ def _result(spec: TuneSpec, grid: Any, parent: str, out: Path, path: str, s: Cor
     c = tracking.client(s)
     for r in rows:
         r["mlflow_run_id"] = runs.get(r["trial"])
-        # Once more, after the search: a stopped trial's own cleanup may have closed its run as
-        # FAILED after the callback closed it as KILLED. (A cleanup that comes even later finds
-        # the run closed and leaves it: tracking.end_run.)
+        # Once more, after the search (a cleanup that comes even later finds the run closed and
+        # leaves it: tracking.end_run).
         if r["mlflow_run_id"] and not finished:
-            if r["stopped_early"]:
-                c.set_tag(r["mlflow_run_id"], TAG_STOPPED_EARLY, "true")
-            c.set_terminated(r["mlflow_run_id"], "FAILED" if r["status"] == "error"
-                             else "KILLED" if r["stopped_early"] else "FINISHED")
+            close_trial_run(c, r["mlflow_run_id"], error=r["status"] == "error", stopped_early=r["stopped_early"],
+                            force=True)
     table = _rank(spec, rows)
     best = next((r for r in table if r["status"] == "done" and r.get(spec.metric) is not None
                  and not r["stopped_early"] and r["mlflow_run_id"]), None)
@@ -324,19 +328,19 @@ def _result(spec: TuneSpec, grid: Any, parent: str, out: Path, path: str, s: Cor
                 "as it was, nothing is run or registered again")
         log.warning(note)
         return TuneRun(run_id=parent, table=table, best=best, encoder=encoder, seconds=time.perf_counter() - started,
-                       storage=path, stopped_early=stopped, artifacts=artifacts, already_finished=True, note=note)
+                       storage=path, stopped_early=stopped, already_finished=True, note=note)
     for f in artifacts:
         c.log_artifact(parent, str(out / f))
     summary = {"trials": len(table), "trials_stopped_early": stopped}
     if best is not None:
         summary.update({f"best_{spec.metric}": best[spec.metric]})
-        c.set_tag(parent, "leoclr.best_trial", best["trial"])
-        c.set_tag(parent, "leoclr.best_run_id", best["mlflow_run_id"])
+        c.set_tag(parent, contract.TAG_BEST_TRIAL, best["trial"])
+        c.set_tag(parent, contract.TAG_BEST_RUN_ID, best["mlflow_run_id"])
         encoder = tracking.register_logged_encoder(best["mlflow_run_id"], spec.register,
                                                    {spec.metric: best[spec.metric]}, settings=s)
     tracking.log_metrics(c, parent, summary, step=0)
     return TuneRun(run_id=parent, table=table, best=best, encoder=encoder, seconds=time.perf_counter() - started,
-                   storage=path, stopped_early=stopped, artifacts=artifacts)
+                   storage=path, stopped_early=stopped)
 
 
 def _tune_config(spec: TuneSpec) -> tune.TuneConfig:

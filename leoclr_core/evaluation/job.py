@@ -11,7 +11,8 @@ import torch.nn as nn
 from leoclr_core.training.engine import resolve_runtime
 from leoclr_core.evaluation.probes import evaluate_backbone
 from leoclr_core.spec.models import EvaluateSpec
-from leoclr_core.training.pretrain import job_source, load_backbone
+from leoclr_core.training.checkpoint import load_backbone
+from leoclr_core.training.feed import job_source
 
 # An encoder from the registry normalises its own input: it is fed [0, 1] images as they are.
 IDENTITY_NORM = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))

@@ -7,19 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from leoclr_core.spec.models import ENCODED_SOURCES, PretrainSpec, TuneSpec
+from leoclr_core.spec.models import PretrainSpec, TuneSpec
+from leoclr_core.spec.placement import InputPlacement
 
 # What a search trial's own function (Tune's actor that fits the trainer) holds: it only waits,
 # but Tune cannot place an actor that asks for nothing.
 TRIAL_DRIVER_CPU = 0.01
-
-
-def augments_on_worker(spec: PretrainSpec) -> bool:
-    """Views made by the training workers on their device (on their GPU, or wherever `data.decode`
-    gpu sends the images) rather than by CPU data workers."""
-    aug = spec.augment
-    device_decode = spec.data.source in ENCODED_SOURCES and spec.data.decode == "gpu"
-    return aug.device == "gpu" or (aug.device == "auto" and (spec.scaling.use_gpu or device_decode))
 
 
 def data_bundles(spec: PretrainSpec) -> list[dict[str, float]]:
@@ -27,7 +20,7 @@ def data_bundles(spec: PretrainSpec) -> list[dict[str, float]]:
     (a placement group, held for the whole job): one per view worker unless the training workers
     make the views, and one for reading and decoding."""
     s = spec.scaling
-    views = [] if augments_on_worker(spec) else [{"CPU": s.data_cpus_per_worker}] * s.data_workers
+    views = [] if InputPlacement.for_ray_workers(spec).views_on_device else [{"CPU": s.data_cpus_per_worker}] * s.data_workers
     return [*views, {"CPU": 1.0}]
 
 

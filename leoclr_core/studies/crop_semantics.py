@@ -22,7 +22,9 @@ from rich.table import Table
 from leoclr_core.training.engine import resolve_runtime
 from leoclr_core.nn.model import build_backbone
 from leoclr_core.spec.models import PretrainSpec, parse_spec
-from leoclr_core.training.pretrain import Callbacks, job_source, pretrain, run_knn
+from leoclr_core.training.callbacks import Callbacks
+from leoclr_core.training.feed import job_source
+from leoclr_core.training.pretrain import pretrain, run_knn
 
 # One base spec for every run; the variants and methods below only override fields of it.
 BASE: dict[str, Any] = {

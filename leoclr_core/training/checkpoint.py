@@ -3,21 +3,28 @@
 A checkpoint holds the query and key encoders, the queue and its pointer, the optimiser, the lr
 scheduler, the epoch, global step and position in the data, and every RNG state. Files are
 written to a temporary name and renamed, so a crash never leaves a half-written checkpoint
-where a resume would find it.
+where a resume would find it. A run's checkpoints live in a `CheckpointStore` (a folder here, Ray
+Train's storage on Ray); its exported encoder (`encoder.pt`) is read back by `load_backbone`.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from leoclr_core.nn.methods import MomentumMethod
+from leoclr_core.nn.model import build_backbone
+from leoclr_core.spec.models import ModelSpec
+
+log = logging.getLogger(__name__)
 
 CKPT_PATTERN = re.compile(r"^epoch-(\d{4,})\.pt$")
 FORMAT_VERSION = 1
@@ -141,3 +148,78 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     # weights_only=False: the state holds RNG states (numpy tuples) as well as tensors; only load
     # checkpoints you wrote yourself.
     return torch.load(p, map_location="cpu", weights_only=False)
+
+
+# ---------------------------------------------------------------- where a run's checkpoints live
+OnSaved = Callable[[Path, int], None]
+
+
+class CheckpointStore:
+    """Where a run's checkpoints live: the newest one to resume from, and where each epoch ends.
+
+    `end_epoch` is called on every rank after every epoch (a Ray Train store reports there, which
+    every worker must do); `state` builds the checkpoint when one is due, on rank 0 only, and
+    `on_saved(path, epoch)` sees the written file while it exists (a store may upload and delete it).
+    """
+
+    def latest(self) -> dict[str, Any] | None:
+        return None
+
+    def end_epoch(self, record: dict[str, Any], state: Callable[[], dict[str, Any]] | None,
+                  on_saved: OnSaved) -> None:
+        return None
+
+
+class FolderStore(CheckpointStore):
+    """`epoch-NNNN.pt` files in one folder, the newest `keep` kept (the in-process runner's store)."""
+
+    def __init__(self, directory: Path, keep: int, resume: bool = True):
+        self.directory, self.keep, self.resume = Path(directory), keep, resume
+
+    def latest(self) -> dict[str, Any] | None:
+        found = latest_checkpoint(self.directory) if self.resume else None
+        if found is None:
+            return None
+        log.info("resuming from %s", found)
+        return load_checkpoint(found)
+
+    def end_epoch(self, record: dict[str, Any], state: Callable[[], dict[str, Any]] | None,
+                  on_saved: OnSaved) -> None:
+        if state is not None:
+            on_saved(save_checkpoint(state(), self.directory, self.keep), record["epoch"])
+
+
+# ---------------------------------------------------------------- the exported encoder
+def save_encoder(path: Path, backbone: nn.Module, model: ModelSpec, extra: dict[str, Any] | None = None) -> Path:
+    """The exported encoder: backbone weights plus the model section needed to rebuild it."""
+    return atomic_save(
+        {"model": model.model_dump(mode="json"), "backbone": backbone.state_dict(), **(extra or {})}, path
+    )
+
+
+def load_backbone(path: str | Path) -> tuple[nn.Module, ModelSpec]:
+    """A backbone from `encoder.pt`, a checkpoint file, or a run folder (its newest checkpoint)."""
+    p = Path(path)
+    if p.is_dir() and (p / "encoder.pt").is_file():
+        p = p / "encoder.pt"
+    elif p.is_dir() and (p / "checkpoints").is_dir():
+        p = p / "checkpoints"
+    if p.name == "encoder.pt" and p.is_file():
+        state = torch.load(p, map_location="cpu", weights_only=False)
+    else:
+        state = load_checkpoint(p)
+    return backbone_from_state(state, str(path))
+
+
+def backbone_from_state(state: dict[str, Any], where: str = "the state") -> tuple[nn.Module, ModelSpec]:
+    """The query backbone of an exported encoder or of a training checkpoint's state."""
+    if "backbone" in state:
+        model, weights = ModelSpec(**state["model"]), state["backbone"]
+    elif "query" in state:
+        model = ModelSpec(**state["spec"]["model"])
+        weights = {k.removeprefix("backbone."): v for k, v in state["query"].items() if k.startswith("backbone.")}
+    else:
+        raise ValueError(f"{where} holds neither an exported encoder nor a training checkpoint")
+    backbone, _ = build_backbone(model)
+    backbone.load_state_dict(weights)
+    return backbone.eval(), model

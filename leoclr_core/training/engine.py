@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -156,7 +156,6 @@ class EpochResult:
     seconds: float
     last_lr: float
     last_momentum: float
-    logs: list[dict] = field(default_factory=list)
 
     @property
     def instances_per_s(self) -> float:
@@ -188,7 +187,6 @@ def train_epoch(
     steps = instances = window_steps = window_instances = 0
     m = momentum_base
     start = window_start = time.perf_counter()
-    logs: list[dict] = []
     for views in batches:
         m = momentum_at(momentum_base, global_step, total_steps, momentum_schedule)
         loss = train_step(method, optimizer, views, m, runtime)
@@ -212,7 +210,6 @@ def train_epoch(
                 "momentum": m,
                 "instances_per_s": window_instances / max(now - window_start, 1e-9),
             }
-            logs.append(record)
             if on_log is not None:
                 on_log(record)
             window_loss.zero_()
@@ -228,5 +225,4 @@ def train_epoch(
         seconds=seconds,
         last_lr=optimizer.param_groups[0]["lr"],
         last_momentum=m,
-        logs=logs,
     )

@@ -29,7 +29,7 @@ from torchvision.ops import roi_align
 if TYPE_CHECKING:  # read by attribute only, so this module needs nothing but torch and torchvision
     from leoclr_core.spec.models import AugmentSpec
 
-KINDS = ("original", "crop")
+VIEW_KINDS = ("original", "crop")  # what a view is: the whole image, or a random crop
 PACKED_COLUMNS = 18  # ViewParams.pack: box (5), factors (4), order (4), flags (4), sigma (1)
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # column of each jitter factor; ids in `order`
 LUMA = (0.2989, 0.587, 0.114)  # ITU-R 601-2 weights, as torchvision's rgb_to_grayscale
@@ -181,18 +181,6 @@ def blend(x: Tensor, other: Tensor, factor: Tensor) -> Tensor:
     One fused `lerp` (which returns x exactly where factor is 1) rather than four elementwise passes.
     """
     return torch.lerp(other.expand_as(x), x, _col(factor).to(x.dtype)).clamp_(0, 1)
-
-
-def adjust_brightness(x: Tensor, factor: Tensor) -> Tensor:
-    return blend(x, torch.zeros_like(x[:1, :1, :1, :1]), factor)
-
-
-def adjust_contrast(x: Tensor, factor: Tensor) -> Tensor:
-    return blend(x, grayscale(x).mean(dim=(1, 2, 3), keepdim=True), factor)
-
-
-def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
-    return blend(x, grayscale(x), factor)
 
 
 def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
@@ -352,8 +340,8 @@ class BatchedViews:
                  compile: bool = False, dtype: torch.dtype = torch.float32):
         mean, std = check_view_args(size, mean, std)
         kinds = tuple(kinds)
-        if not kinds or any(k not in KINDS for k in kinds):
-            raise ValueError(f"kinds must be a non-empty sequence of {KINDS}, got {list(kinds)}")
+        if not kinds or any(k not in VIEW_KINDS for k in kinds):
+            raise ValueError(f"kinds must be a non-empty sequence of {VIEW_KINDS}, got {list(kinds)}")
         if blur not in BLUR_IMPLS:
             raise ValueError(f"blur must be one of {BLUR_IMPLS}, got {blur!r}")
         if dtype not in (torch.float32, torch.float16):

@@ -107,18 +107,6 @@ class TwoViewTransform:
         return _plain(self.crop(image)), _plain(self.crop(image))
 
 
-class EvalTransform:
-    """What k-NN / linear evaluation sees: the whole image square-resized and normalised, no randomness."""
-
-    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float]):
-        mean, std = check_view_args(size, mean, std)
-        self.pipeline = _view_pipeline(AugmentSpec(), size, mean, std, crop=False, photometric=False,
-                                       flip=False)
-
-    def __call__(self, image: Any) -> Tensor:
-        return _plain(self.pipeline(_as_uint8_tensor(image)))
-
-
 def make_view_transform(method: str, aug: AugmentSpec, size: int, mean: Sequence[float],
                         std: Sequence[float]) -> TripleViewTransform | TwoViewTransform:
     """The training transform of a method: three views for "leoclr", two crops for "mocov2"."""

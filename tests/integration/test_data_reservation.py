@@ -9,7 +9,7 @@ import pytest
 
 from leoclr_core.spec.resources import job_resources
 from leoclr_core.spec.models import parse_spec
-from leoclr_core.training.pretrain import Callbacks
+from leoclr_core.training.callbacks import Callbacks
 
 from .conftest import tiny_spec
 

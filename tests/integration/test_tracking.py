@@ -10,7 +10,7 @@ from leoclr_core import tracking
 from leoclr_core.nn.model import build_backbone
 from leoclr_core.settings import CoreSettings
 from leoclr_core.spec.models import parse_spec
-from leoclr_core.training.pretrain import RunState
+from leoclr_core.training.callbacks import RunState
 
 from .conftest import tiny_spec
 

@@ -20,7 +20,8 @@ from leoclr_core.data.jpeg import collate_jpeg_or_pixels, decode_resize_batch, d
 from leoclr_core.training.engine import resolve_runtime
 from leoclr_core.nn.methods import build_method
 from leoclr_core.spec.models import SpecError, parse_spec
-from leoclr_core.training.pretrain import ViewFeed, decodes_on_device, job_source
+from leoclr_core.training.feed import ViewFeed, job_source
+from leoclr_core.spec.placement import InputPlacement
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*TorchCodec:DeprecationWarning")
 SIZE = 16
@@ -132,11 +133,11 @@ def test_feed_decodes_an_image_folder_on_the_device(tmp_path):
     runtime = resolve_runtime(spec.scaling, "cpu")
     method = build_method(spec.method, spec.model, spec.loss, spec.optim.batch_size)
     feed = ViewFeed(spec, method, runtime, job_source(spec.data, "train"))
-    assert feed.device_decode and feed.steps_per_epoch == 1
+    assert feed.placement.decode_on_device and feed.steps_per_epoch == 1
     (views,) = list(feed.epoch(0))
     assert len(views) == 3 and all(v.shape == (4, 3, 12, 12) and torch.isfinite(v).all() for v in views)
-    assert not decodes_on_device(_spec(tmp_path, decode="auto"), runtime)  # auto: on CUDA only
-    assert not decodes_on_device(_spec(tmp_path, decode="cpu"), runtime)
+    assert not InputPlacement.for_process(_spec(tmp_path, decode="auto"), "cpu").decode_on_device  # auto: CUDA
+    assert not InputPlacement.for_process(_spec(tmp_path, decode="cpu"), "cpu").decode_on_device
 
 
 def test_parquet_rows_of_jpegs_are_decoded_on_the_device_like_a_folders_files(tmp_path):
@@ -171,7 +172,7 @@ def test_parquet_rows_of_jpegs_are_decoded_on_the_device_like_a_folders_files(tm
     runtime = resolve_runtime(spec.scaling, "cpu")
     method = build_method(spec.method, spec.model, spec.loss, spec.optim.batch_size)
     feed = ViewFeed(spec, method, runtime, job_source(spec.data, "train"))
-    assert feed.device_decode and feed.batched
+    assert feed.placement == InputPlacement(views_on_device=True, decode_on_device=True)
     (views,) = list(feed.epoch(0))
     assert len(views) == 3 and all(v.shape == (4, 3, 12, 12) and torch.isfinite(v).all() for v in views)
 
@@ -185,7 +186,7 @@ def test_decode_gpu_is_honoured_on_a_cpu_when_the_views_are_left_to_auto(tmp_pat
         spec = _spec(tmp_path, augment_device="auto", decode=decode)
         method = build_method(spec.method, spec.model, spec.loss, spec.optim.batch_size)
         feed = ViewFeed(spec, method, runtime, job_source(spec.data, "train"))
-        assert (feed.device_decode, feed.batched) == (on_device, on_device), decode
+        assert feed.placement == InputPlacement(on_device, on_device), decode
 
 
 def test_spec_refuses_device_decode_where_it_cannot_apply(tmp_path):

@@ -8,7 +8,9 @@ import torch
 from leoclr_core.training.checkpoint import list_checkpoints, load_checkpoint
 from leoclr_core.evaluation.job import evaluate_job
 from leoclr_core.spec.models import parse_spec
-from leoclr_core.training.pretrain import Callbacks, load_backbone, pretrain
+from leoclr_core.training.callbacks import Callbacks
+from leoclr_core.training.checkpoint import load_backbone
+from leoclr_core.training.pretrain import pretrain
 
 TINY = [
     "data.num_images=128", "data.num_test_images=64", "data.synthetic.source_size=32",
@@ -69,9 +71,19 @@ class _Crash(Exception):
     pass
 
 
+class _SeesCheckpoints(Callbacks):
+    def __init__(self):
+        self.seen = []
+
+    def on_checkpoint(self, path, epoch):
+        self.seen.append((path.name, epoch, path.is_file()))
+
+
 def test_pretrain_writes_outputs_and_keeps_the_newest_checkpoints(tmp_path):
     spec = tiny_spec(tmp_path, "optim.epochs=3", "eval.knn_every=1", "checkpoint.keep=2", "method=mocov2")
-    state = pretrain(spec)
+    watcher = _SeesCheckpoints()
+    state = pretrain(spec, callbacks=watcher)
+    assert watcher.seen == [(f"epoch-000{e}.pt", e, True) for e in (1, 2, 3)]  # each file, while it exists
     assert [r["epoch"] for r in state.history] == [1, 2, 3]
     assert all("knn_top1" in r and 0 <= r["knn_top1"] <= 100 for r in state.history)
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["epoch-0002.pt", "epoch-0003.pt"]
