@@ -3,8 +3,8 @@
 This module must stay importable without torch (the API process validates specs with it).
 Every section forbids unknown fields, so a typo in a YAML file is an error naming the field,
 never a knob that silently does nothing. Every number has an upper bound in the JSON schema (so in
-the API's OpenAPI document too) and must be finite; docs/spec-limits.md lists them
-(`python -m leoclr_core.spec.limits` regenerates it).
+the API's OpenAPI document too) and must be finite; docs/job-specs.md lists every field with its
+type, default and bounds (`python -m leoclr_core.spec.reference` regenerates it).
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ class LossSpec(_Section):
     queue_size: Annotated[int, Field(ge=0, le=MAX_QUEUE, description=_AT_MOST_IMAGES)] = 4096
     momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.99
     momentum_schedule: Literal["constant", "cosine"] = "constant"
-    # [choice] LEOCLR.md: which crop keys enter the queue after the step.
+    # Which crop keys enter the queue after the step (the paper leaves it open; docs/method.md).
     enqueue: Literal["both", "k1"] = "both"
     # mocov2: add l(f_q(X2), f_k(X1)). leoclr: also pull f_q(crop) toward f_k(X), so the
     # query encoder sees crops too (not in the paper; a knob to measure).
@@ -186,7 +186,7 @@ _AT_MOST_IMAGES = "at most data.num_images when it is set"
 
 
 class AugmentSpec(_Section):
-    """MoCo-v2's photometric recipe, drawn independently per view (LEOCLR.md)."""
+    """MoCo-v2's photometric recipe, drawn independently per view (docs/method.md)."""
 
     crop_scale: Annotated[tuple[CropScale, CropScale], Field(description=_LOW_HIGH)] = (0.2, 1.0)
     crop_ratio: Annotated[tuple[CropRatio, CropRatio], Field(description=_LOW_HIGH)] = (3 / 4, 4 / 3)

@@ -1182,8 +1182,9 @@ def test_mlflow_port_and_allowed_hosts_agree_everywhere():
     assert any(fnmatchcase(urlsplit(uri).netloc, a) for a in allowed), "Kubernetes: MLflow would refuse its clients"
 
 
-def test_readme_environment_table_is_generated():
-    from service.envdoc import README, env_table, table_in
+def test_the_variable_table_is_generated_and_linked_from_the_deploy_guide():
+    from service.envdoc import DOC, env_table, table_in
 
-    assert README == DEPLOY / "README.md"
-    assert table_in(README.read_text()) == env_table(), "stale: run python -m service.envdoc"
+    assert DOC == ROOT / "docs" / "configuration.md"
+    assert table_in(DOC.read_text()) == env_table(), "stale: run python -m service.envdoc"
+    assert "../docs/configuration.md" in (DEPLOY / "README.md").read_text()
