@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test test-chaos experiment bench bench-ray bench-api clean
+.PHONY: install run test test-chaos experiment bench bench-ray bench-api bench-peers clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ bench-ray: $(STAMP)
 # Status reads per second and their latency, against a service started for the run.
 bench-api: $(STAMP)
 	$(PY) -m bench.api_load
+
+# Ours against lightly's MoCo-v2 recipe and LeOCLR built from lightly's parts, side by side (docs/performance.md).
+bench-peers: $(STAMP)
+	$(PY) -m bench.peers
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
