@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
 from leoclr_core.spec.resources import job_resources
 from leoclr_core.spec.models import SpecError, parse_spec
@@ -46,9 +46,12 @@ def _explain(spec: Any, resource: str) -> str:
 
 
 class Admission:
+    """`ready`: False while something every job's driver relies on is still being prepared (the
+    tracking store's schema): jobs wait `queued` until it is True."""
+
     def __init__(self, runner: Runner, max_running: int | None = None,
-                 max_resources: dict[str, float] | None = None):
-        self.runner, self.max_running, self.max_resources = runner, max_running, max_resources
+                 max_resources: dict[str, float] | None = None, ready: Callable[[], bool] = lambda: True):
+        self.runner, self.max_running, self.max_resources, self.ready = runner, max_running, max_resources, ready
         self.lock = threading.Lock()  # the route and the reconcile loop both admit: one at a time
         self._capacity: tuple[float, dict[str, float] | None] = (-CAPACITY_TTL_S, None)
         self._refused_since: dict[str, float] = {}  # job id -> when Ray first refused its submission
@@ -97,7 +100,7 @@ class Admission:
             jobs = store.unfinished()
             handed = [j for j in jobs if j.submission_id]
             waiting = sorted((j for j in jobs if not j.submission_id), key=lambda j: (_aware(j.created_at), j.id))
-            if not waiting:
+            if not waiting or not self.ready():
                 return []
             capacity = self.capacity()
             if capacity is None:

@@ -49,7 +49,7 @@ def create_app(settings: ServiceSettings | None = None, runner: Runner | None = 
         metrics.register(JobsCollector(state.store))
         reconciler = None
         if runner is not None:
-            state.admission = Admission(runner, s.max_running_jobs, s.max_resources)
+            state.admission = Admission(runner, s.max_running_jobs, s.max_resources, ready=state.tracking.store_ready)
             reconciler = Reconciler(state.store, runner, reconcile_interval, state.admission, s.ray_lost_after_s,
                                     state.health, state.tracking.result)
             reconciler.start()

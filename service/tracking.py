@@ -236,6 +236,30 @@ class LazyTracking:
 
     def __init__(self, tracking_uri: str, made: Tracking | None = None):
         self.uri, self._tracking, self._lock = tracking_uri, made, threading.Lock()
+        self._store_ready = threading.Event()
+        self._preparing = False
+
+    def store_ready(self) -> bool:
+        """Whether jobs may start: a tracking database (SQLite, PostgreSQL) has its schema. Its first
+        user creates the tables; two drivers starting at once on a fresh database both try, and one
+        fails ("table ... already exists"). So the service creates it, once, before it hands the first
+        job to Ray: on a thread started by the first call (this answers False meanwhile), so that
+        neither the API's start nor a request waits for mlflow's import. A tracking server migrates
+        its own database: nothing to prepare."""
+        if self._store_ready.is_set() or self.uri.startswith(("http://", "https://", "databricks")):
+            return True
+        with self._lock:
+            if not self._preparing:
+                self._preparing = True
+                threading.Thread(target=self._prepare_store, name="tracking-store", daemon=True).start()
+        return False
+
+    def _prepare_store(self) -> None:
+        try:
+            self().client.search_experiments(max_results=1)  # the store's first use creates its tables
+        except Exception as exc:  # noqa: BLE001 - the drivers report their own errors; jobs must not wait forever
+            log.warning("preparing the tracking store at %s failed: %s", self.uri, exc)
+        self._store_ready.set()
 
     def __call__(self) -> Tracking:
         if self._tracking is None:

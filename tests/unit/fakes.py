@@ -3,6 +3,8 @@ MLflow store (SQLite) to write what a job's driver would."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -52,12 +54,25 @@ class FakeRunner:
         return {"CPU": 64.0, "GPU": 8.0}
 
 
+class ServiceClient(TestClient):
+    """The app's TestClient, entered once its tracking store is prepared: until then the gate holds
+    every job queued (LazyTracking.store_ready), and these tests expect a job handed over at once."""
+
+    def __enter__(self):
+        client = super().__enter__()
+        deadline = time.monotonic() + 60
+        while not client.app.state.tracking.store_ready():
+            assert time.monotonic() < deadline, "the tracking store was not prepared within 60 s"
+            time.sleep(0.05)
+        return client
+
+
 @pytest.fixture()
 def make_client(tmp_path):
     def make(runner=None, **settings):
         s = ServiceSettings(data_dir=tmp_path, api_token=TOKEN, **settings)
         # fresh_s=0: every read asks the runner, as these tests change its answers between reads
-        return TestClient(create_app(s, runner if runner is not None else FakeRunner(), fresh_s=0))
+        return ServiceClient(create_app(s, runner if runner is not None else FakeRunner(), fresh_s=0))
     return make
 
 

@@ -4,12 +4,11 @@ read, logs and cancel, one test per outcome a client relies on."""
 from __future__ import annotations
 
 import pytest
-from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.settings import ServiceSettings
 
-from .fakes import AUTH, SPEC, TUNE, FakeRunner, make_client  # noqa: F401 - make_client is a fixture
+from .fakes import AUTH, SPEC, TUNE, FakeRunner, ServiceClient, make_client  # noqa: F401 - make_client is a fixture
 
 
 def test_submit_stores_and_submits_a_valid_spec(make_client):
@@ -201,7 +200,7 @@ def test_an_unfinished_jobs_view_is_reused_for_a_second(tmp_path):
     status = runner.status
     runner.status = lambda sid: calls.append(sid) or status(sid)
     s = ServiceSettings(data_dir=tmp_path, api_token="secret-token")
-    with TestClient(create_app(s, runner, reconcile_interval=3600, fresh_s=60)) as c:
+    with ServiceClient(create_app(s, runner, reconcile_interval=3600, fresh_s=60)) as c:
         job = c.post("/v1/jobs", json=SPEC, headers=AUTH).json()
         for _ in range(5):
             assert c.get(f"/v1/jobs/{job['id']}", headers=AUTH).json()["status"] == "running"

@@ -109,6 +109,35 @@ def test_the_running_limit_holds_jobs_that_would_fit(store):
     assert statuses(store, jobs) == ["running", "queued", "queued"]
 
 
+def test_no_job_goes_to_ray_before_the_tracking_store_is_ready(store):
+    ray = Cluster(cpus=64)
+    ready = False
+    gate = Admission(ray, ready=lambda: ready)
+    jobs = add(store, 2)
+    reconcile_once(store, ray, gate)
+    assert statuses(store, jobs) == ["queued", "queued"] and ray.order == []
+    ready = True
+    reconcile_once(store, ray, gate)
+    assert statuses(store, jobs) == ["running", "running"]
+
+
+def test_the_service_creates_a_fresh_tracking_databases_schema_once_before_any_driver(tmp_path):
+    # Two drivers creating the schema of one fresh SQLite database at once: one fails ("table ...
+    # already exists"). The service makes it first, off the request path.
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    lazy = LazyTracking(uri)
+    assert lazy.store_ready() is False  # preparing, on a thread of its own
+    deadline = time.monotonic() + 60
+    while not lazy.store_ready():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    import sqlite3
+
+    tables = {r[0] for r in sqlite3.connect(tmp_path / "mlflow.db").execute("select name from sqlite_master")}
+    assert {"experiments", "runs", "alembic_version"} <= tables
+    assert LazyTracking("http://127.0.0.1:9").store_ready() is True  # a server migrates its own database
+
+
 def test_a_job_that_does_not_fit_yet_holds_back_the_ones_behind_it(store):
     ray = Cluster(cpus=4)
     big = {**TINY, "scaling": {"num_workers": 3}}  # 3 + 1 = 4 CPUs
