@@ -31,6 +31,13 @@ def apply_ray_environment() -> None:
 # artifact of the job's MLflow run, written by the driver last. The service reads it from there.
 RESULT_ARTIFACT = "leoclr/result.json"
 
+# An embed job's output: a Parquet dataset (a folder of files), one row per image. `id`: the image's
+# path relative to the data root (image folders), `row-<n>` (Parquet and built-in sources); `label`:
+# int64, null when unknown; `embedding`: fixed_size_list<float32>[D]. The files' schema metadata
+# carries the encoder URI and the data spec (JSON), so a reader can find the images again.
+EMBED_ID, EMBED_LABEL, EMBED_VECTOR = "id", "label", "embedding"
+EMBED_META_ENCODER, EMBED_META_DATA = "leoclr.encoder", "leoclr.data"
+
 # MLflow tags.
 TAG_JOB = "leoclr.job"  # the job's name
 TAG_KIND = "leoclr.kind"
@@ -41,12 +48,29 @@ TAG_TRIAL = "leoclr.trial"  # on a search's child run: its trial's name
 TAG_STOPPED_EARLY = "leoclr.stopped_early"  # on a child run the scheduler stopped: "true"
 TAG_CHECKPOINT_EPOCH = "leoclr.checkpoint_epoch"  # on a pretrain run: the epoch of checkpoints/latest
 TAG_ENCODER = "leoclr.encoder"  # on an evaluate run: the encoder URI it evaluated
+TAG_EMBEDDINGS = "leoclr.embeddings"  # on an embed run: the URI of its output dataset
 TAG_BEST_TRIAL, TAG_BEST_RUN_ID = "leoclr.best_trial", "leoclr.best_run_id"  # on a search's parent run
 
 # Tags of a registered model version, one per number: `metric.<name>` the final metrics of the run
 # that made it, `eval.<evaluate job>.<name>` the results of each evaluate job that evaluated it.
 VERSION_METRIC_PREFIX = "metric."
 VERSION_EVAL_PREFIX = "eval."
+
+# Tags of a model version a promotion decided on (leoclr_core.tracking.promote): the alias, the
+# metric, the candidate's and the holder's values, the holder's version (empty: none), the decision
+# (promoted, kept or first), when (ISO 8601, UTC) and the fingerprint of the evaluation data both
+# values were measured on. `promotion.score.<fingerprint>.<metric>`: a value measured on a version
+# with that evaluation data, which a later decision reuses instead of evaluating the version again.
+PROMOTION_PREFIX = "promotion."
+TAG_PROMOTION_ALIAS, TAG_PROMOTION_METRIC = "promotion.alias", "promotion.metric"
+TAG_PROMOTION_CANDIDATE, TAG_PROMOTION_HOLDER = "promotion.candidate", "promotion.holder"
+TAG_PROMOTION_HOLDER_VERSION, TAG_PROMOTION_DECISION = "promotion.holder_version", "promotion.decision"
+TAG_PROMOTION_AT, TAG_PROMOTION_DATA = "promotion.at", "promotion.data"
+PROMOTION_SCORE_PREFIX = "promotion.score."
+PROMOTED, KEPT, FIRST = "promoted", "kept", "first"
+# The registry lock that serialises promotions of one model: a registered model of this name prefix
+# (which no spec's model name can start with) created by the holder, deleted on release.
+PROMOTION_LOCK_PREFIX = "_leoclr-lock."
 
 # Metric keys of a pretrain run: per log window `train/<key>` (x-axis: global step), per epoch
 # `epoch/<key>` (x-axis: epoch), evaluations and `skipped_files` as they are, and progress.
@@ -60,6 +84,23 @@ M_EPOCH_LOSS, M_EPOCH_IPS = "epoch/loss", "epoch/instances_per_s"
 def numbers(values: dict[str, object]) -> dict[str, int | float]:
     """The numeric entries of a record (bools are not numbers here): what is logged or tagged as a metric."""
     return {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def promotion_from_tags(tags: dict[str, str]) -> dict[str, object] | None:
+    """The promotion decision a model version's tags record (what the API shows as `promotion`);
+    None when no decision was made for it."""
+    decision = tags.get(TAG_PROMOTION_DECISION)
+    if not decision:
+        return None
+
+    def number(key: str) -> float | None:
+        value = tags.get(key)
+        return float(value) if value not in (None, "") else None
+
+    return {"decision": decision, "alias": tags.get(TAG_PROMOTION_ALIAS), "metric": tags.get(TAG_PROMOTION_METRIC),
+            "candidate": number(TAG_PROMOTION_CANDIDATE), "holder": number(TAG_PROMOTION_HOLDER),
+            "holder_version": tags.get(TAG_PROMOTION_HOLDER_VERSION) or None, "at": tags.get(TAG_PROMOTION_AT),
+            "data": tags.get(TAG_PROMOTION_DATA) or None}
 
 
 def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:

@@ -10,12 +10,17 @@ global "active run", so that a Ray worker and its driver can log to the same run
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import random
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import mlflow
 import numpy as np
@@ -27,7 +32,7 @@ from leoclr_core import contract
 from leoclr_core.contract import TAG_JOB, TAG_KIND, TAG_STORAGE
 from leoclr_core.nn.model import ImageEncoder
 from leoclr_core.settings import CoreSettings, core_settings, prepare_sqlite
-from leoclr_core.spec.models import DataSpec, ModelSpec, RegisterSpec, flatten
+from leoclr_core.spec.models import DataSpec, EvalSpec, ModelSpec, PromoteSpec, RegisterSpec, flatten
 from leoclr_core.training.callbacks import Callbacks, RunState
 
 log = logging.getLogger(__name__)
@@ -388,3 +393,264 @@ def log_result(run_id: str, result: dict[str, Any], settings: CoreSettings | Non
     """A finished job's result as a JSON artifact of its run (contract.RESULT_ARTIFACT): where the
     service reads it, so a result never depends on the driver's log."""
     client(settings).log_dict(run_id, result, contract.RESULT_ARTIFACT)
+
+
+# ---------------------------------------------------------------- promotion by evaluation
+# The registry lock's tags: who holds it, and for how long from its creation (its lease).
+LOCK_OWNER_TAG, LOCK_LEASE_TAG = "leoclr.lock.owner", "leoclr.lock.lease_s"
+LOCK_LEASE_S = 60.0  # the section it guards is a few registry writes; a holder that dies is outlived by this
+LOCK_WAIT_S = 600.0  # waiting longer means a lock that is renewed or never released: said, not waited out
+PROMOTION_ATTEMPTS = 20  # times the holder may change while a candidate measures it before it gives up
+
+
+@dataclass
+class PromotionDecision:
+    """One decision: whether `alias` of `model_name` moved to `version`, with both numbers."""
+
+    model_name: str
+    version: str
+    alias: str
+    metric: str
+    decision: str  # contract.PROMOTED, KEPT or FIRST
+    candidate: float
+    holder: float | None  # the value of the version that held the alias, on the same data
+    holder_version: str | None
+    at: str
+    data: str | None = None  # fingerprint of the evaluation data both values were measured on
+    min_delta: float = 0.0
+    mode: str = "max"
+
+    @property
+    def moved(self) -> bool:
+        return self.decision in (contract.PROMOTED, contract.FIRST)
+
+    @property
+    def reason(self) -> str:
+        if self.decision == contract.FIRST:
+            return f"version {self.version} is the first to hold @{self.alias} ({self.metric} {self.candidate:g})"
+        verb = "beats" if self.decision == contract.PROMOTED else "does not beat"
+        return (f"version {self.version} ({self.metric} {self.candidate:g}) {verb} version {self.holder_version} "
+                f"({self.holder:g}) by {self.min_delta:g} ({self.mode}): @{self.alias} "
+                f"{'moves to' if self.moved else 'stays on'} version "
+                f"{self.version if self.moved else self.holder_version}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "reason": self.reason}
+
+
+def eval_fingerprint(data: DataSpec, evaluation: EvalSpec, metric: str) -> str:
+    """What makes two values of `metric` comparable: the evaluation data and the protocol measuring
+    it (k-NN's k and temperature; the probe's epochs and learning rate for linear_top1)."""
+    protocol: dict[str, Any] = {"knn_k": evaluation.knn_k, "knn_temperature": evaluation.knn_temperature}
+    if metric == "linear_top1":
+        protocol.update(probe_epochs=evaluation.probe_epochs, probe_lr=evaluation.probe_lr)
+    blob = json.dumps({"data": data.model_dump(mode="json"), "metric": metric, **protocol}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _score_tag(fingerprint: str, metric: str) -> str:
+    return f"{contract.PROMOTION_SCORE_PREFIX}{fingerprint}.{metric}"
+
+
+def stored_score(c: MlflowClient, name: str, version: str, fingerprint: str, metric: str) -> float | None:
+    """`metric` of a version measured before on the evaluation data of `fingerprint`, if it was."""
+    value = (c.get_model_version(name, version).tags or {}).get(_score_tag(fingerprint, metric))
+    return float(value) if value is not None else None
+
+
+def alias_holder(c: MlflowClient, name: str, alias: str) -> str | None:
+    try:
+        return str(c.get_model_version_by_alias(name, alias).version)
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
+
+
+def promotion_of(name: str, version: str, settings: CoreSettings | None = None) -> dict[str, Any] | None:
+    """The promotion decision recorded on a version (contract.promotion_from_tags), or None."""
+    return contract.promotion_from_tags(dict(client(settings).get_model_version(name, version).tags or {}))
+
+
+class RegistryLock:
+    """A lock the registry itself provides: a registered model named `PROMOTION_LOCK_PREFIX<model>`,
+    created by its holder (create-if-absent is atomic: the name is unique) and deleted on release.
+
+    Its lease (`lease_s` from its creation, stamped by the store) bounds how long a holder that died
+    keeps it: a waiter who finds it older breaks it. Breaking is itself exclusive: the breaker first
+    creates `<lock>.broken-<owner>`, which only one waiter can, so two waiters never both delete the
+    lock (one of them would delete the lock the other just took). Those tombstones stay (one per
+    broken lock, hidden like the lock). A holder past its lease neither writes nor releases: its lock
+    may be someone else's by then. Leases assume the hosts' clocks agree to well within `lease_s`."""
+
+    def __init__(self, c: MlflowClient, model_name: str, lease_s: float = LOCK_LEASE_S,
+                 wait_s: float = LOCK_WAIT_S):
+        if lease_s <= 0:
+            raise ValueError(f"lease_s must be positive, got {lease_s}")
+        self.c, self.lease_s, self.wait_s = c, lease_s, wait_s
+        self.name = f"{contract.PROMOTION_LOCK_PREFIX}{model_name}"
+        self.owner = uuid.uuid4().hex
+        self.acquired: float | None = None
+
+    @property
+    def margin(self) -> float:
+        """The part of the lease kept free for the writes after `valid()` said yes."""
+        return self.lease_s / 4
+
+    def valid(self) -> bool:
+        return self.acquired is not None and time.monotonic() - self.acquired < self.lease_s - self.margin
+
+    def __enter__(self) -> "RegistryLock":
+        deadline, delay = time.monotonic() + self.wait_s, 0.02
+        while True:
+            started = time.monotonic()
+            try:
+                self.c.create_registered_model(
+                    self.name, tags={LOCK_OWNER_TAG: self.owner, LOCK_LEASE_TAG: str(self.lease_s)},
+                    description="leoclr promotion lock: deleted by its holder, broken after its lease")
+                self.acquired = started
+                return self
+            except mlflow.exceptions.MlflowException as exc:
+                # DOES_NOT_EXIST: MLflow's SQL store, refused by the unique name, reads the holder's
+                # lock to say so, which its holder may have deleted in between: taken, then released.
+                if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
+                    raise
+            self._break_if_stale()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the registry lock {self.name!r} was held for more than {self.wait_s:g} s "
+                                   f"(lease {self.lease_s:g} s); delete that registered model if no job holds it")
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 0.5)
+
+    def _read(self) -> Any | None:
+        try:
+            return self.c.get_registered_model(self.name)
+        except mlflow.exceptions.MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise
+
+    def _break_if_stale(self) -> None:
+        lock = self._read()
+        if lock is None:
+            return
+        tags = dict(lock.tags or {})
+        owner = tags.get(LOCK_OWNER_TAG, "unknown")
+        lease = float(tags.get(LOCK_LEASE_TAG, self.lease_s))
+        age = time.time() - lock.creation_timestamp / 1000
+        if age <= lease:
+            return
+        try:
+            self.c.create_registered_model(f"{self.name}.broken-{owner}", tags={LOCK_OWNER_TAG: self.owner},
+                                           description=f"tombstone: lock of {owner} broken after {age:.0f} s")
+        except mlflow.exceptions.MlflowException as exc:
+            if exc.error_code == "RESOURCE_ALREADY_EXISTS":
+                return  # another waiter is breaking it
+            raise
+        again = self._read()
+        if again is not None and (again.tags or {}).get(LOCK_OWNER_TAG) == owner:
+            self.c.delete_registered_model(self.name)
+            log.warning("broke the registry lock %s of %s: held %.0f s, past its lease of %g s", self.name, owner,
+                        age, lease)
+
+    def __exit__(self, *exc: Any) -> None:
+        if not self.valid():
+            log.warning("the registry lock %s outlived its lease; left to be broken", self.name)
+            return
+        lock = self._read()
+        if lock is not None and (lock.tags or {}).get(LOCK_OWNER_TAG) == self.owner:
+            self.c.delete_registered_model(self.name)
+
+
+def _beats(candidate: float, holder: float, promote: PromoteSpec) -> bool:
+    """Strictly better, and by at least min_delta: a tie never moves the alias."""
+    gain = candidate - holder if promote.mode == "max" else holder - candidate
+    return gain > 0 and gain >= promote.min_delta
+
+
+def promote(
+    model_name: str,
+    version: str,
+    promote: PromoteSpec,
+    candidate_value: float,
+    holder_value_fn: Callable[[str], float],
+    *,
+    data_fingerprint: str | None = None,
+    settings: CoreSettings | None = None,
+    lease_s: float = LOCK_LEASE_S,
+    wait_s: float = LOCK_WAIT_S,
+) -> PromotionDecision:
+    """Decide whether `promote.alias` moves to `version` (whose `promote.metric` is `candidate_value`):
+    yes when no version holds it ("first") or when the candidate beats the holder's value on the
+    same evaluation data by `min_delta` ("promoted"); else "kept". The decision and both numbers are
+    tagged on `version` (contract's promotion tags).
+
+    The holder's value: the score tagged on it for `data_fingerprint` (the same evaluation data),
+    else `holder_value_fn(holder_version)`, whose answer is tagged on the holder for the next time.
+    It is measured outside the registry lock (it can take minutes); inside, the holder is read
+    again and, if it moved meanwhile, the new one is measured and the decision retried. So two
+    decisions never both move the alias past each other: each compares against the holder it
+    replaces, under the lock."""
+    c = client(settings)
+    name, version, candidate = str(model_name), str(version), float(candidate_value)
+    values: dict[str, float] = {}
+
+    def tag(v: str, key: str, value: str) -> None:
+        c.set_model_version_tag(name, v, key, value)
+
+    def value_of(v: str) -> float:
+        if v not in values:
+            found = stored_score(c, name, v, data_fingerprint, promote.metric) if data_fingerprint else None
+            if found is None:
+                found = float(holder_value_fn(v))
+                if data_fingerprint:
+                    tag(v, _score_tag(data_fingerprint, promote.metric), repr(found))
+            values[v] = found
+        return values[v]
+
+    if data_fingerprint:
+        tag(version, _score_tag(data_fingerprint, promote.metric), repr(candidate))
+    for _ in range(PROMOTION_ATTEMPTS):
+        holder = alias_holder(c, name, promote.alias)
+        if holder == version:
+            recorded = promotion_of(name, version, settings)
+            log.info("version %s of %s already holds @%s: nothing to decide", version, name, promote.alias)
+            return PromotionDecision(
+                name, version, promote.alias, promote.metric, (recorded or {}).get("decision") or contract.KEPT,
+                candidate, candidate, version, _now(), data_fingerprint, promote.min_delta, promote.mode)
+        held = value_of(holder) if holder is not None else None
+        with RegistryLock(c, name, lease_s, wait_s) as lock:
+            if alias_holder(c, name, promote.alias) != holder:
+                continue  # moved while the holder was measured: measure the new one
+            if held is None:
+                decision = contract.FIRST
+            else:
+                decision = contract.PROMOTED if _beats(candidate, held, promote) else contract.KEPT
+            result = PromotionDecision(name, version, promote.alias, promote.metric, decision, candidate, held,
+                                       holder, _now(), data_fingerprint, promote.min_delta, promote.mode)
+            if not lock.valid():
+                continue  # paused past the lease: the lock may be another's now; decide again
+            if result.moved:
+                c.set_registered_model_alias(name, promote.alias, version)
+            for key, value in {
+                contract.TAG_PROMOTION_ALIAS: promote.alias, contract.TAG_PROMOTION_METRIC: promote.metric,
+                contract.TAG_PROMOTION_CANDIDATE: repr(candidate),
+                contract.TAG_PROMOTION_HOLDER: "" if held is None else repr(held),
+                contract.TAG_PROMOTION_HOLDER_VERSION: holder or "", contract.TAG_PROMOTION_AT: result.at,
+                contract.TAG_PROMOTION_DATA: data_fingerprint or "", contract.TAG_PROMOTION_DECISION: decision,
+            }.items():
+                tag(version, key, value)
+        log.info("promotion of %s: %s", name, result.reason)
+        return result
+    raise RuntimeError(f"@{promote.alias} of {name} moved {PROMOTION_ATTEMPTS} times while version {version} "
+                       "was being compared with its holder; run the decision again (an evaluate job with promote)")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def log_artifact_file(run_id: str, path: str | Path, artifact_path: str,
+                      settings: CoreSettings | None = None) -> None:
+    """Upload one file (a neighbour sheet) into folder `artifact_path` of a run's artifacts."""
+    client(settings).log_artifact(run_id, str(path), artifact_path)

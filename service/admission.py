@@ -33,6 +33,12 @@ CAPACITY_TTL_S = 5.0  # Ray's resource totals are asked for at most this often
 def _explain(spec: Any, resource: str) -> str:
     """Which fields make up what the job asks for, so a refusal names what to change."""
     sc = spec.base.scaling if spec.kind == "tune" else spec.scaling
+    if spec.kind == "embed":
+        if resource == "GPU":
+            return f"replicas {spec.replicas} x scaling.gpus_per_worker {sc.gpus_per_worker:g}"
+        return (f"replicas {spec.replicas} x scaling.cpus_per_worker {sc.cpus_per_worker:g}, plus "
+                f"scaling.data_workers {sc.data_workers} x scaling.data_cpus_per_worker {sc.data_cpus_per_worker:g}, "
+                "plus 1 for Ray Data's reads and the writer")
     if resource == "GPU":
         parts = f"scaling.num_workers {sc.num_workers} x scaling.gpus_per_worker {sc.gpus_per_worker:g}"
     else:

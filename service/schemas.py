@@ -111,6 +111,19 @@ class MetricHistory(BaseModel):
     metrics: dict[str, list[MetricPoint]]
 
 
+class Promotion(BaseModel):
+    """The promotion decision made for a version (leoclr_core.tracking.promote), from its tags."""
+
+    decision: str = Field(..., description="promoted, kept or first")
+    alias: str | None = None
+    metric: str | None = None
+    candidate: float | None = Field(None, description="This version's value of the metric.")
+    holder: float | None = Field(None, description="The value of the alias's holder, on the same data.")
+    holder_version: str | None = None
+    at: str | None = Field(None, description="When it was decided (ISO 8601, UTC).")
+    data: str | None = Field(None, description="Fingerprint of the evaluation data both values were measured on.")
+
+
 class ModelVersion(BaseModel):
     version: str
     uri: str
@@ -121,6 +134,7 @@ class ModelVersion(BaseModel):
     created_at: int | None = None
     metrics: dict[str, float] = Field(default_factory=dict, description="Final metrics of the job that made it.")
     evaluations: dict[str, float] = Field(default_factory=dict, description="<evaluate job>.<metric> results.")
+    promotion: Promotion | None = Field(None, description="The promotion decision made for it; null: none.")
 
 
 class Model(BaseModel):

@@ -196,6 +196,7 @@ class Tracking:
                 "evaluations": {k.removeprefix(contract.VERSION_EVAL_PREFIX): float(val) for k, val in tags.items()
                                 if k.startswith(contract.VERSION_EVAL_PREFIX)},
                 "uri": f"models:/{name}/{v.version}",
+                "promotion": contract.promotion_from_tags(tags),
             })
         return sorted(out, key=lambda d: int(d["version"]), reverse=True)
 
@@ -208,7 +209,8 @@ class Tracking:
 
     def models(self) -> list[dict[str, Any]]:
         with _reading("registered models"):
-            names = [rm.name for rm in self.client.search_registered_models(order_by=["name ASC"])]
+            names = [rm.name for rm in self.client.search_registered_models(order_by=["name ASC"])
+                     if not rm.name.startswith(contract.PROMOTION_LOCK_PREFIX)]  # promotion locks, not models
         return [self.model(n) for n in names]
 
     def set_alias(self, name: str, alias: str, version: str) -> dict[str, Any]:

@@ -67,6 +67,42 @@ def tune_cmd(
     jobs.tune(spec, output or spec.out_dir)
 
 
+@app.command("neighbours")
+def neighbours_cmd(
+    embeddings: str = typer.Argument(..., help="An embed job's output: a folder of Parquet files (or a URI)."),
+    queries: list[str] = typer.Option(
+        ..., "--query", "-q", help="A row id of EMBEDDINGS (row-12, or an image path relative to the data "
+        "root) or an image file, embedded with the encoder the files name (repeatable: one row each)."),
+    k: int = typer.Option(8, "-k", min=1, max=64, help="Neighbours per query."),
+    output: Path = typer.Option(Path("neighbours.png"), "--output", "-o", help="The contact sheet (PNG)."),
+) -> None:
+    """A contact sheet: each query and its k nearest images (cosine) in an embed job's output, with
+    class names (or ids) and scores; a neighbour of the query's class in green, of another in red."""
+    from leoclr_core.evaluation.neighbours import sheet_for
+
+    def load_registered(uri: str) -> Any:
+        from leoclr_core.tracking import load_encoder
+
+        return load_encoder(uri)
+
+    try:
+        out = sheet_for(embeddings, queries, k, output, load_registered=load_registered)
+    except (ValueError, FileNotFoundError) as exc:
+        fail(exc, code=2)
+    console.print(f"contact sheet: {out}")
+
+
+@app.command()
+def embed(
+    spec_path: Path = typer.Argument(..., help="An embed job spec (YAML or JSON): an encoder and a data source."),
+    overrides: Optional[list[str]] = SetOption,
+) -> None:
+    """Embed a collection with an encoder (registry URI, run URI or checkpoint) on Ray Data: a Parquet
+    dataset, one row per image (id, label, embedding), at output_dir (default
+    <storage path>/embeddings/<name>); a re-run of the same job replaces it."""
+    jobs.embed(jobs.load(spec_path, overrides, "embed"))
+
+
 # ---------------------------------------------------------------- client of the REST API
 def _api(fn: Callable[[api.ApiClient], Any]) -> Any:
     """Run fn(client); an API error (refused, unreachable, no token) is one red line and exit 1."""

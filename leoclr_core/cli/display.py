@@ -124,6 +124,25 @@ def ray_run_report(run: Any) -> None:
         console.print(f"[yellow]{run.note}[/yellow]")
     console.print(f"MLflow run {run.run_id}; checkpoints in {run.storage}; {run.seconds:.0f} s"
                   + (f"; survived {run.restarts} restart(s), {run.epochs_redone} epoch(s) redone" if run.restarts else ""))
+    print_promotion(getattr(run, "promotion", None))
+
+
+def promotion_cell(p: dict[str, Any] | None) -> str:
+    """A decision in a few words: `promoted 61.20 > 58.00 (v3)`, `kept 55.00 <= 58.00 (v3)`, `first 61.20`."""
+    if not p:
+        return ""
+    cand, held, v = p.get("candidate"), p.get("holder"), p.get("holder_version")
+    text = f"{p['decision']} @{p.get('alias')}"
+    if cand is not None:
+        text += f" {cand:.2f}"
+    if held is not None:
+        text += f" {'>' if p['decision'] == 'promoted' else 'vs'} {held:.2f} (v{v})"
+    return text
+
+
+def print_promotion(p: dict[str, Any] | None) -> None:
+    if p:
+        console.print(f"promotion: {p.get('reason') or promotion_cell(p)}")
 
 
 def evaluation_table(result: dict[str, Any]) -> None:
@@ -132,6 +151,7 @@ def evaluation_table(result: dict[str, Any]) -> None:
         if isinstance(v, float):
             table.add_row(k, f"{v:.2f}")
     console.print(table)
+    print_promotion(result.get("promotion"))
 
 
 def tune_header(spec: Any, out: Path) -> None:
@@ -226,6 +246,7 @@ def job_report(job: dict) -> None:
     if result.get("registry_uri"):
         console.print(f"registered: [bold]{result['registry_uri']}[/bold] (version {result.get('model_version')}); "
                       f"load with mlflow.pytorch.load_model(\"{result['registry_uri']}\")")
+    print_promotion(result.get("promotion"))
     if p.get("mlflow_run_url"):
         console.print(f"MLflow run: {p['mlflow_run_url']}")
     print_result({"id": job["id"], "status": job["status"], **result})
@@ -239,10 +260,11 @@ def jobs_table(items: list[dict]) -> None:
 
 
 def models_table(models: list[dict]) -> None:
-    table = Table("model", "version", "aliases", "k-NN top-1", "job", "load with")
+    table = Table("model", "version", "aliases", "k-NN top-1", "promotion", "job", "load with")
     for m in models:
         for v in m["versions"]:
             knn = v["metrics"].get("knn_top1")
             table.add_row(m["name"], v["version"], ",".join(v["aliases"]), f"{knn:.2f}" if knn is not None else "",
-                          v.get("job_id") or "", f"models:/{m['name']}@{v['aliases'][0]}" if v["aliases"] else v["uri"])
+                          promotion_cell(v.get("promotion")), v.get("job_id") or "",
+                          f"models:/{m['name']}@{v['aliases'][0]}" if v["aliases"] else v["uri"])
     console.print(table)

@@ -1,4 +1,4 @@
-"""The jobs `leoclr` runs itself: pretrain, evaluate and tune, in this process or on Ray.
+"""The jobs `leoclr` runs itself: pretrain, evaluate, tune and embed, in this process or on Ray.
 
 Each prints its report, logs its result to the job's MLflow run (contract.RESULT_ARTIFACT: where the
 service reads it) and prints it as the last stdout line, as JSON. `leoclr run-job`, the driver of a
@@ -16,7 +16,9 @@ from leoclr_core.cli.display import (
     console, evaluation_table, fail, live, pretrain_report, print_result, ray_run_report, tune_header, tune_report,
     with_progress,
 )
-from leoclr_core.spec.models import EvaluateSpec, PretrainSpec, SpecError, TuneSpec, load_spec, parse_spec
+from leoclr_core.spec.models import (
+    EmbedSpec, EvaluateSpec, PretrainSpec, SpecError, TuneSpec, load_spec, parse_spec,
+)
 
 
 def load(path: Path, overrides: Optional[list[str]], kind: str) -> Any:
@@ -103,12 +105,18 @@ def _pretrain_on_ray(spec: PretrainSpec, out: Path) -> tuple[dict, dict]:
              "restarts": run.restarts,
              "epochs_redone": run.epochs_redone, "resumed_from": run.resumed_from, "seconds": round(run.seconds, 1),
              "model_uri": enc.model_uri if enc else None, "registry_uri": enc.registry_uri if enc else None,
-             "model_version": enc.version if enc else None, "already_finished": run.already_finished}
+             "model_version": enc.version if enc else None, "promotion": run.promotion,
+             "already_finished": run.already_finished}
     ray_run_report(run)
     return run.state.final, extra
 
 
 def evaluate(spec: EvaluateSpec, local: bool = False, device: Optional[str] = None) -> None:
+    if local and spec.promote is not None:
+        # The decision reads and writes the registry's aliases and tags; a --local run keeps no MLflow
+        # run to record it against.
+        fail("promote: an evaluate job with promote runs on Ray (drop --local), where the decision is "
+             "recorded in the registry", code=2)
     try:
         if local:
             from leoclr_core.evaluation.job import evaluate_job
@@ -160,6 +168,42 @@ def tune(spec: TuneSpec, out: Path) -> None:
         "already_finished": run.already_finished, "storage": run.storage, "table": run.table})
 
 
+def embed(spec: EmbedSpec) -> None:
+    from leoclr_core.distributed.embed import run_embed
+    from leoclr_core.distributed.session import ray_session
+
+    encoder = spec.encoder.model_uri or spec.encoder.checkpoint
+    where = f"{spec.data.source} {spec.data.path}" if spec.data.path else spec.data.source
+    console.print(f"[bold]{spec.name}[/bold]: embed {where} with {encoder}, {spec.replicas} replica(s)")
+    try:
+        with ray_session(cpus_needed(spec), log_to_driver=not live()) as address:
+            console.print(f"Ray: {address}")
+            _sigterm_interrupts()
+            run = _with_embed_progress(lambda on_progress: run_embed(spec, on_progress=on_progress))
+    except (ValueError, FileNotFoundError) as exc:
+        fail(exc)
+    except Exception as exc:  # noqa: BLE001 - Ray's errors carry the task's traceback; say it, exit non-zero
+        fail(f"{type(exc).__name__}: {exc}")
+    console.print(f"{run.images} images embedded ({run.dim}-d, {run.images_per_s:.0f} images/s) -> "
+                  f"[bold]{run.output}[/bold]; MLflow run {run.run_id}")
+    if run.skipped:
+        console.print(f"[yellow]{len(run.skipped)} unreadable image(s) skipped, e.g. {run.skipped[0]}[/yellow]")
+    finish(run.result(spec))
+
+
+def _with_embed_progress(fn: Any) -> Any:
+    """fn(on_progress) under a bar of images embedded on a terminal; silent elsewhere (the job's
+    MLflow run has the same figures)."""
+    if not live():
+        return fn(None)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    with Progress("[bold]embedding", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console) as progress:
+        task = progress.add_task("embed", total=None)
+        return fn(lambda done, total: progress.update(task, completed=done, total=total))
+
+
 def run_job() -> None:
     """The job spec in $LEOCLR_JOB_SPEC (JSON), run on the Ray cluster this process is in."""
     from leoclr_core.contract import ENV_JOB_SPEC
@@ -173,6 +217,9 @@ def run_job() -> None:
         fail(f"{ENV_JOB_SPEC}: {exc}", code=2)
     from leoclr_core.settings import core_settings
 
+    if spec.kind == "embed":  # its default output is under the storage path, not a run folder
+        embed(spec)
+        return
     if not spec.output_dir:  # a job's driver runs in a Ray-chosen folder: keep the run with the data
         spec = spec.model_copy(update={"output_dir": str(core_settings().home / "runs" / spec.name)})
     if spec.kind == "pretrain":

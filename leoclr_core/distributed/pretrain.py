@@ -20,6 +20,10 @@ Re-running a job that already trained all its epochs trains nothing (`RayRun.not
   registered once there; the per-step history stays where the training logged it);
 - its checkpoints are gone: it trains afresh, in a new MLflow run.
 
+With `register.promote`, the driver decides after registering whether the new version takes the
+promotion alias (`distributed.evaluate.decide_promotion`): its final evaluation against the
+holder's value on the same data, which a Ray task measures unless the holder carries it already.
+
 The data pipeline holds its CPUs from the start: a placement group of the Ray Data share of
 `resources.job_resources` (its view workers and one CPU for reads and decoding) that Ray Data's
 tasks run in, with Ray Data's resource limits set to it. Training workers (this job's or another's)
@@ -45,6 +49,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 
 from leoclr_core import contract, tracking
 from leoclr_core.distributed.data import RayFeed, SkipCounter, build_dataset
+from leoclr_core.distributed.evaluate import decide_promotion
 from leoclr_core.distributed.progress import Follower, ProgressLog, PushProgress
 from leoclr_core.nn import collectives as dist
 from leoclr_core.nn.methods import MomentumMethod
@@ -54,7 +59,7 @@ from leoclr_core.spec.resources import data_bundles
 from leoclr_core.training.callbacks import AllCallbacks, Callbacks, RunState
 from leoclr_core.training.checkpoint import CheckpointStore, OnSaved, atomic_save, backbone_from_state, load_checkpoint
 from leoclr_core.training.engine import Runtime
-from leoclr_core.training.pretrain import pretrain
+from leoclr_core.training.pretrain import has_test_split, pretrain
 from leoclr_core.training.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
@@ -137,6 +142,7 @@ class RayRun:
     resumed_from: list[int] = field(default_factory=list)  # completed epochs each restart resumed after
     already_finished: bool = False  # the job had trained all its epochs before this call: nothing trained
     note: str | None = None  # how a re-run of a finished job was answered, for people
+    promotion: dict[str, Any] | None = None  # the promotion decision (register.promote), as tracking records it
 
 def resolve_storage(storage: str) -> str:
     """Ray Train and Tune want an absolute path (created here) or a URI."""
@@ -169,6 +175,11 @@ def run_pretrain(
     cb = callbacks or Callbacks()
     out = Path(out_dir) if out_dir else spec.out_dir
     started = time.perf_counter()
+    promote = spec.register.promote
+    if promote is not None and not has_test_split(spec.data):
+        raise ValueError(f"register.promote compares {promote.metric} on a labelled test split, and data "
+                         f"({spec.data.source} at {spec.data.path}) has none here (num_test_images 0, an "
+                         "object-store URI, or Parquet without a test split)")
     storage = resolve_storage(spec.checkpoint.storage_path or s.ray_storage)
     # Ray Train v2 resumes a run re-run under the same name and storage; resume: false gets a fresh name.
     run_name = spec.name if spec.checkpoint.resume else f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -201,7 +212,8 @@ def run_pretrain(
         RunFolder(out).write_summary(spec, run.state.final, mlflow_run_id=run_id, storage=run.storage,
                                      checkpoint=checkpoint_path, **_encoder_fields(run.encoder),
                                      restarts=run.restarts, epochs_redone=run.epochs_redone, seconds=run.seconds,
-                                     worker_nodes=run.worker_nodes, resumed_from=run.resumed_from)
+                                     worker_nodes=run.worker_nodes, resumed_from=run.resumed_from,
+                                     promotion=run.promotion)
         outcome = "FINISHED"
         return run
     except KeyboardInterrupt:  # Ctrl-C, or the service cancelling the job (its driver gets SIGTERM)
@@ -293,7 +305,8 @@ def _finished(spec: PretrainSpec, out: Path, trained: ray.train.Checkpoint, run_
             "nothing is trained or registered again")
     log.warning(note)
     run = RayRun(state=state, run_id=run_id, storage=path, encoder=encoder, records=records,
-                 seconds=time.perf_counter() - started, already_finished=True, note=note)
+                 seconds=time.perf_counter() - started, already_finished=True, note=note,
+                 promotion=_recorded_promotion(spec, encoder, s))
     if folder.summary_run_id() != run_id:
         folder.create(spec)
         folder.write_encoder(backbone_from_state(final_state, "the final checkpoint")[0], spec, final)
@@ -318,11 +331,33 @@ def _export(spec: PretrainSpec, out: Path, final_state: dict[str, Any], follower
     folder.write_encoder(backbone, spec, state.final)
     encoder = tracking.log_encoder(run_id, backbone, spec.model, spec.data, spec.register,
                                    metrics=state.final, settings=s)
+    promotion = _promote(spec, encoder, state.final, s)
     if follower is None:
-        return RayRun(state=state, run_id=run_id, storage=storage, encoder=encoder, records=records)
+        return RayRun(state=state, run_id=run_id, storage=storage, encoder=encoder, records=records,
+                      promotion=promotion)
     return RayRun(state=state, run_id=run_id, storage=storage, encoder=encoder, restarts=follower.restarts,
                   epochs_redone=follower.redone, records=follower.records, worker_nodes=follower.nodes,
-                  resumed_from=follower.resumed_from)
+                  resumed_from=follower.resumed_from, promotion=promotion)
+
+
+def _promote(spec: PretrainSpec, encoder: tracking.RegisteredEncoder, final: dict[str, Any],
+             s: CoreSettings) -> dict[str, Any] | None:
+    """The promotion decision for the version just registered (none without register.promote).
+    The candidate's value is its final evaluation, measured in training on the same data."""
+    promote = spec.register.promote
+    if promote is None or encoder.name is None or encoder.version is None:
+        return None
+    decision = decide_promotion(encoder.name, encoder.version, promote, final.get(promote.metric), spec.data,
+                                spec.eval, spec.scaling, s)
+    return decision.as_dict()
+
+
+def _recorded_promotion(spec: PretrainSpec, encoder: tracking.RegisteredEncoder | None,
+                        s: CoreSettings) -> dict[str, Any] | None:
+    """A finished job's decision, as its version's tags hold it (it is not made again)."""
+    if spec.register.promote is None or encoder is None or encoder.name is None or encoder.version is None:
+        return None
+    return tracking.promotion_of(encoder.name, encoder.version, s)
 
 
 # ---------------------------------------------------------------- the data pipeline's own CPUs

@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import json
+import logging
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from leoclr_core.training.engine import resolve_runtime
-from leoclr_core.evaluation.probes import evaluate_backbone
-from leoclr_core.spec.models import EvaluateSpec
+from leoclr_core.data import ImageSource
+from leoclr_core.evaluation import neighbours
+from leoclr_core.evaluation.probes import evaluate_backbone, extract_features
+from leoclr_core.spec.models import DataSpec, EvaluateSpec
 from leoclr_core.training.checkpoint import load_backbone
+from leoclr_core.training.engine import Runtime, resolve_runtime
 from leoclr_core.training.feed import job_source
 
+log = logging.getLogger(__name__)
+
 # An encoder from the registry normalises its own input: it is fed [0, 1] images as they are.
-IDENTITY_NORM = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+IDENTITY_NORM = neighbours.IDENTITY_NORM
+# The job's neighbour sheet: 4 fixed test images, 8 neighbours each.
+SHEET_NAME, SHEET_QUERIES, SHEET_K = "neighbours.png", 4, 8
 
 
 def evaluate_job(
@@ -23,11 +31,14 @@ def evaluate_job(
     device: torch.device | str | None = None,
     encoder: nn.Module | None = None,
     write_outputs: bool = True,
+    sheet_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Returns {"knn_top1": .., "linear_top1": .., ...} and writes it to <output>/results.json.
 
     `encoder`: an already loaded `ImageEncoder` (the tracking layer resolves `encoder.model_uri`
-    to one); otherwise `encoder.checkpoint` is read from disk.
+    to one); otherwise `encoder.checkpoint` is read from disk. A neighbour sheet of fixed test
+    images (`neighbours.png`) goes to `sheet_dir`, or to <output> with the results; its path is
+    the result's `neighbours_sheet` (the caller uploads it to the job's run).
     """
     if encoder is None and spec.encoder.model_uri is not None:
         raise ValueError(
@@ -65,7 +76,31 @@ def evaluate_job(
         "train_images": len(train),
         "test_images": len(test),
     }
+    folder = sheet_dir or (spec.out_dir if write_outputs else None)
+    if folder is not None:
+        sheet = neighbour_sheet(backbone, test, runtime, d, mean, std, str(source), Path(folder) / SHEET_NAME)
+        if sheet is not None:
+            out["neighbours_sheet"] = str(sheet)
     if write_outputs:
         spec.out_dir.mkdir(parents=True, exist_ok=True)
         (spec.out_dir / "results.json").write_text(json.dumps(out, indent=2))
     return out
+
+
+def neighbour_sheet(backbone: nn.Module, test: ImageSource, runtime: Runtime, data: DataSpec,
+                    mean: tuple[float, ...], std: tuple[float, ...], encoder: str, out: Path) -> Path | None:
+    """The sheet of SHEET_QUERIES fixed test images and their SHEET_K nearest other test images,
+    from the backbone's features of the test split. A preview: when it cannot be drawn the
+    evaluation still stands (None, and a warning)."""
+    try:
+        feats, labels = extract_features(backbone, test, runtime, size=data.image_size, mean=mean, std=std)
+        emb = neighbours.Embeddings(
+            ids=[f"row-{i}" for i in range(len(test))], labels=[int(y) for y in labels.tolist()],
+            vectors=feats.cpu().numpy(), encoder=encoder,
+            data={**data.model_dump(mode="json"), "split": "test"})
+        picks = neighbours.fixed_queries(len(emb.ids), SHEET_QUERIES)
+        return neighbours.sheet_for_queries(emb, [emb.ids[i] for i in picks], SHEET_K, out,
+                                            lookup=neighbours.SourceLookup(test))
+    except (OSError, ValueError, RuntimeError) as exc:
+        log.warning("no neighbour sheet for %s: %s", encoder, exc)
+        return None

@@ -3,6 +3,7 @@ bounds a spec may ask for (`limits`), and the Ray resources a spec needs (`resou
 
 from leoclr_core.spec.models import (
     KINDS,
+    EmbedSpec,
     EvaluateSpec,
     PretrainSpec,
     SpecError,
@@ -11,4 +12,4 @@ from leoclr_core.spec.models import (
     parse_spec,
 )
 
-__all__ = ["KINDS", "EvaluateSpec", "PretrainSpec", "SpecError", "TuneSpec", "load_spec", "parse_spec"]
+__all__ = ["KINDS", "EmbedSpec", "EvaluateSpec", "PretrainSpec", "SpecError", "TuneSpec", "load_spec", "parse_spec"]

@@ -290,16 +290,56 @@ class CheckpointSpec(_Section):
     log_to_mlflow: bool = True  # also copy each checkpoint into the MLflow run's artifacts
 
 
+_REGISTRY_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}"
+_REGISTRY_NAME_RULE = "must be 1-100 letters, digits, '_', '.', '-', starting with a letter or digit"
+# Metrics a promotion can compare: ones that can be measured again on another version's encoder
+# with the same evaluation data (a training loss cannot).
+PROMOTION_METRICS = ("knn_top1", "linear_top1")
+
+
+class PromoteSpec(_Section):
+    """Move `alias` to a new version only when it beats the version holding it, on the same
+    evaluation data, by at least `min_delta` (points of `metric`)."""
+
+    alias: str = "champion"  # the alias that moves; not register.alias, which every new version gets
+    metric: Literal["knn_top1", "linear_top1"] = "knn_top1"
+    # the least improvement that moves the alias, in points of the metric; a tie never moves it
+    min_delta: Annotated[float, Field(ge=0.0, le=100.0)] = 0.0
+    mode: Literal["max", "min"] = "max"  # max: a higher value is better
+
+    @field_validator("alias")
+    @classmethod
+    def _alias(cls, v: str) -> str:
+        if not re.fullmatch(_REGISTRY_NAME, v):
+            raise ValueError(_REGISTRY_NAME_RULE)
+        if v == "latest" or re.fullmatch(r"v\d+", v):  # MLflow reserves these aliases
+            raise ValueError(f"alias {v!r} is reserved by MLflow ('latest', 'v<number>')")
+        return v
+
+
 class RegisterSpec(_Section):
     model_name: str | None = None
     alias: str = "candidate"
+    # after registering: move promote.alias to the new version only if it beats the holder (null: never)
+    promote: PromoteSpec | None = None
 
     @field_validator("model_name", "alias")
     @classmethod
     def _name(cls, v: str | None) -> str | None:
-        if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", v):
-            raise ValueError("must be 1-100 letters, digits, '_', '.', '-', starting with a letter or digit")
+        if v is not None and not re.fullmatch(_REGISTRY_NAME, v):
+            raise ValueError(_REGISTRY_NAME_RULE)
         return v
+
+    @model_validator(mode="after")
+    def _promotable(self) -> "RegisterSpec":
+        if self.promote is None:
+            return self
+        if not self.model_name:
+            raise ValueError("promote needs model_name: only a registered version can hold an alias")
+        if self.promote.alias == self.alias:
+            # Every new version gets `alias` unconditionally: the promotion alias must be another one.
+            raise ValueError(f"promote.alias must differ from alias ({self.alias!r}), which each new version gets")
+        return self
 
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
@@ -359,6 +399,13 @@ class PretrainSpec(_JobSpec):
             )
         return self
 
+    @model_validator(mode="after")
+    def _promotion_measured(self) -> "PretrainSpec":
+        p = self.register.promote
+        if p is not None and p.metric == "linear_top1" and not self.eval.linear_probe:
+            raise ValueError("register.promote.metric linear_top1 needs eval.linear_probe: true")
+        return self
+
 
 class EncoderRef(_Section):
     """Where an evaluate job takes its encoder from: a checkpoint file or folder of a pretrain run."""
@@ -382,6 +429,62 @@ class EvaluateSpec(_JobSpec):
     protocol: Literal["knn", "linear", "both", "transfer"] = "knn"
     eval: EvalSpec = EvalSpec()
     scaling: ScalingSpec = ScalingSpec()
+    # decide whether the evaluated version (encoder.model_uri models:/...) takes promote.alias
+    promote: PromoteSpec | None = None
+
+    @model_validator(mode="after")
+    def _promotable(self) -> "EvaluateSpec":
+        p = self.promote
+        if p is None:
+            return self
+        if not (self.encoder.model_uri or "").startswith("models:/"):
+            raise ValueError("promote needs encoder.model_uri of a registered version (models:/name/version "
+                             "or models:/name@alias)")
+        measured = ("knn",) if p.metric == "knn_top1" else ("linear",)
+        if self.protocol not in (*measured, "both", "transfer"):
+            raise ValueError(f"promote.metric {p.metric} is not measured by protocol {self.protocol!r}")
+        return self
+
+
+# Fields of `scaling` an embed job does not read (its model replicas are `replicas`): they must keep
+# their defaults, so that a value there is an error rather than a knob that does nothing.
+_EMBED_UNREAD_SCALING = ("num_workers", "loader_workers", "log_every", "data_compute", "placement_strategy")
+
+
+class EmbedSpec(_JobSpec):
+    """Embed a collection with an encoder: Ray Data batch inference into a Parquet dataset (one row
+    per image: its id, its label when known, its embedding). `scaling` gives each model replica's
+    CPUs/GPUs (`cpus_per_worker`, `gpus_per_worker`, `use_gpu`, `precision`) and the decode tasks
+    (`data_workers` x `data_cpus_per_worker`); `output_dir` is where the dataset is written (a
+    folder or an s3:// / gs:// URI every node reaches; default <storage path>/embeddings/<name>),
+    replaced as a whole by a re-run of the same job. Images are square-resized to `data.image_size`;
+    `data.mean` / `data.std` normalise a checkpoint's backbone (a registry encoder carries its own).
+    Image folders: every image under `data.path` (the first `data.num_images` by path when set)."""
+
+    kind: Literal["embed"] = "embed"
+    encoder: EncoderRef
+    data: DataSpec = DataSpec()
+    batch_size: Annotated[int, Field(gt=0, le=MAX_BATCH)] = 256  # images per model call of a replica
+    replicas: Annotated[int, Field(gt=0, le=MAX_WORKERS)] = 1  # model replicas (the actor pool's size)
+    scaling: ScalingSpec = ScalingSpec()
+    output_dir: Annotated[str | None, Field(
+        description="the embeddings dataset (folder or s3:// / gs:// URI); default <storage path>/embeddings/<name>",
+    )] = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "EmbedSpec":
+        default = ScalingSpec()
+        for name in _EMBED_UNREAD_SCALING:
+            if getattr(self.scaling, name) != getattr(default, name):
+                hint = "; the number of model replicas is `replicas`" if name == "num_workers" else ""
+                raise ValueError(f"scaling.{name} is not read by an embed job{hint}")
+        if self.data.decode == "gpu":
+            raise ValueError("data.decode 'gpu' is not used by an embed job: its decode tasks decode on the CPU")
+        return self
+
+    def output(self, storage_root: str) -> str:
+        """Where the dataset goes: `output_dir`, or <storage_root>/embeddings/<name>."""
+        return self.output_dir or f"{storage_root.rstrip('/')}/embeddings/{self.name}"
 
 
 _SEARCHED = "both ends are validated as values of the field searched"
@@ -487,6 +590,9 @@ class TuneSpec(_JobSpec):
                              f"({self.base.optim.epochs}): ASHA could never stop a trial")
         if self.metric == "loss" and self.mode == "max":
             raise ValueError("metric 'loss' with mode 'max' would pick the worst trial")
+        if self.register.promote is not None or self.base.register.promote is not None:
+            raise ValueError("register.promote is not run by a search: promote its registered version with an "
+                             "evaluate job's promote")
         return self
 
     def trial_spec(self, config: dict[str, Any], where: str = "trial", name: str | None = None) -> PretrainSpec:
@@ -515,15 +621,15 @@ class TuneSpec(_JobSpec):
             raise ValueError(f"{where}: " + _format_errors(err).removeprefix("invalid job spec:\n  ").strip()) from None
 
 
-JobSpec = Annotated[Union[PretrainSpec, EvaluateSpec, TuneSpec], Field(discriminator="kind")]
-_JOB_ADAPTER: TypeAdapter[PretrainSpec | EvaluateSpec | TuneSpec] = TypeAdapter(JobSpec)
-KINDS = ("pretrain", "evaluate", "tune")
+JobSpec = Annotated[Union[PretrainSpec, EvaluateSpec, TuneSpec, EmbedSpec], Field(discriminator="kind")]
+_JOB_ADAPTER: TypeAdapter[PretrainSpec | EvaluateSpec | TuneSpec | EmbedSpec] = TypeAdapter(JobSpec)
+KINDS = ("pretrain", "evaluate", "tune", "embed")
 
 
 def _format_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if p not in ("pretrain", "evaluate", "tune"))
+        loc = ".".join(str(p) for p in e["loc"] if p not in KINDS)
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
@@ -563,7 +669,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
     return out
 
 
-def parse_spec(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> PretrainSpec | EvaluateSpec | TuneSpec:
+def parse_spec(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> PretrainSpec | EvaluateSpec | TuneSpec | EmbedSpec:
     if not isinstance(raw, dict):
         raise SpecError("invalid job spec: the top level must be a mapping of fields")
     raw = apply_overrides(raw, overrides)
@@ -589,7 +695,7 @@ def read_spec_file(path: str | Path) -> dict[str, Any]:
     return data if data is not None else {}
 
 
-def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PretrainSpec | EvaluateSpec | TuneSpec:
+def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PretrainSpec | EvaluateSpec | TuneSpec | EmbedSpec:
     return parse_spec(read_spec_file(path), overrides)
 
 

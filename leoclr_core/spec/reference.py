@@ -27,11 +27,11 @@ from typing import Any
 from pydantic import BaseModel
 
 from leoclr_core.spec import models
-from leoclr_core.spec.models import EvaluateSpec, PretrainSpec, TuneSpec
+from leoclr_core.spec.models import EmbedSpec, EvaluateSpec, PretrainSpec, TuneSpec
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "job-specs.md"
 KIND_MODELS: dict[str, type[BaseModel]] = {
-    "pretrain": PretrainSpec, "evaluate": EvaluateSpec, "tune": TuneSpec,
+    "pretrain": PretrainSpec, "evaluate": EvaluateSpec, "tune": TuneSpec, "embed": EmbedSpec,
 }
 
 

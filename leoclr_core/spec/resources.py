@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from leoclr_core.spec.models import PretrainSpec, TuneSpec
+from leoclr_core.spec.models import EmbedSpec, PretrainSpec, TuneSpec
 from leoclr_core.spec.placement import InputPlacement
 
 # What a search trial's own function (Tune's actor that fits the trainer) holds: it only waits,
@@ -35,8 +35,18 @@ def per_trial_cpus(spec: TuneSpec) -> float:
     return pretrain_cpus(spec.trial_spec({})) + TRIAL_DRIVER_CPU
 
 
+def embed_cpus(spec: EmbedSpec) -> float:
+    """Logical CPUs an embed job asks of Ray: its model replicas, its decode tasks, and one for
+    Ray Data's reads and the Parquet writer."""
+    s = spec.scaling
+    return spec.replicas * s.cpus_per_worker + s.data_workers * s.data_cpus_per_worker + 1.0
+
+
 def job_resources(spec: Any) -> dict[str, float]:
     """{"CPU": n, "GPU": n}: what the job holds at its peak (a search: its concurrent trials)."""
+    if spec.kind == "embed":
+        sc = spec.scaling
+        return {"CPU": embed_cpus(spec), "GPU": spec.replicas * sc.gpus_per_worker if sc.use_gpu else 0.0}
     if spec.kind == "evaluate":
         sc = spec.scaling
         return {"CPU": sc.cpus_per_worker, "GPU": sc.gpus_per_worker if sc.use_gpu else 0.0}

@@ -117,7 +117,7 @@ def test_the_job_spec_is_documented_field_by_field_with_its_limits(make_client):
     with make_client() as c:
         doc = c.get("/openapi.json").json()
     body = doc["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    kinds = {"pretrain": "PretrainSpec", "evaluate": "EvaluateSpec", "tune": "TuneSpec"}
+    kinds = {"pretrain": "PretrainSpec", "evaluate": "EvaluateSpec", "tune": "TuneSpec", "embed": "EmbedSpec"}
     assert body["discriminator"] == {"propertyName": "kind", "mapping": {
         kind: f"#/components/schemas/{model}" for kind, model in kinds.items()}}
     schemas = doc["components"]["schemas"]

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from leoclr_core.spec.models import (
+    KINDS,
     MAX_TRIALS,
     EvaluateSpec,
     PretrainSpec,
@@ -25,7 +26,7 @@ def test_every_shipped_config_validates():
     assert configs, "configs/ must ship ready job specs"
     for path in configs:
         spec = load_spec(path)
-        assert spec.kind in ("pretrain", "evaluate", "tune")
+        assert spec.kind in KINDS
 
 
 def test_defaults_follow_leoclr_md():
