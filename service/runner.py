@@ -11,6 +11,7 @@ import threading
 from typing import Any, AsyncIterator, Callable, Protocol
 
 from leoclr_core.contract import ENV_JOB_ID, ENV_JOB_SPEC
+from service.first_use import FIRST_USE
 
 # Ray job statuses -> ours. PENDING: accepted, driver not started yet.
 STATUS_MAP = {"PENDING": "queued", "RUNNING": "running", "SUCCEEDED": "succeeded", "FAILED": "failed",
@@ -56,11 +57,12 @@ class RayJobsRunner:
         client = self._client
         if client is not None:
             return client
-        from ray.job_submission import JobSubmissionClient  # not torch: the API may import it
-
         find = self._find  # not under the lock: finding a cluster that is down can take a while
         address = find()
-        client = JobSubmissionClient(address)
+        with FIRST_USE:  # Ray's import and the client's first use, never beside MLflow's (service/first_use.py)
+            from ray.job_submission import JobSubmissionClient  # not torch: the API may import it
+
+            client = JobSubmissionClient(address)
         with self._lock:
             if self._find is find:  # not retargeted meanwhile
                 self._client, self.address = client, address
@@ -105,7 +107,8 @@ class RayJobsRunner:
 
     def cluster_resources(self) -> dict[str, float]:
         """Ray's own view: the total resources of its alive nodes (the state API, over the dashboard)."""
-        from ray.util.state import list_nodes
+        with FIRST_USE:
+            from ray.util.state import list_nodes
 
         totals: dict[str, float] = {}
         for node in list_nodes(address=self.client.get_address(), filters=[("state", "=", "ALIVE")], detail=True,
@@ -119,8 +122,9 @@ class RayJobsRunner:
 def dashboard_url(address: str) -> str:
     """The Jobs API of the Ray cluster at `address` (a GCS address such as RAY_ADDRESS): the cluster
     says where its dashboard is when a driver connects."""
-    import leoclr_core.distributed  # noqa: F401 - how a driver reaches a loopback cluster, before Ray is imported
-    import ray
+    with FIRST_USE:
+        import leoclr_core.distributed  # noqa: F401 - how a driver reaches a loopback cluster, before Ray is imported
+        import ray
 
     ctx = ray.init(address=address, log_to_driver=False)
     try:

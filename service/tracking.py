@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from leoclr_core import contract
 from leoclr_core.settings import prepare_sqlite
+from service.first_use import FIRST_USE
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -258,16 +259,23 @@ class LazyTracking:
 
     def _prepare_store(self) -> None:
         try:
-            self().client.search_experiments(max_results=1)  # the store's first use creates its tables
+            self()
         except Exception as exc:  # noqa: BLE001 - the drivers report their own errors; jobs must not wait forever
             log.warning("preparing the tracking store at %s failed: %s", self.uri, exc)
         self._store_ready.set()
 
     def __call__(self) -> Tracking:
         if self._tracking is None:
-            with self._lock:
+            with FIRST_USE:  # mlflow's import and the store's first use, never beside Ray's (service/first_use.py)
                 if self._tracking is None:
-                    self._tracking = Tracking(self.uri)
+                    tracking = Tracking(self.uri)
+                    if not self.uri.startswith(("http://", "https://", "databricks")):
+                        try:
+                            tracking.client.search_experiments(max_results=1)  # a database's first use creates its tables
+                        except Exception as exc:  # noqa: BLE001 - reads say so themselves (Unavailable)
+                            log.warning("the tracking store at %s could not be read: %s", self.uri, exc)
+                    self._tracking = tracking
+                    self._store_ready.set()
         return self._tracking
 
     def result(self, job: Any) -> dict[str, Any] | None:

@@ -60,3 +60,37 @@ def test_leoclr_serve_reaches_uvicorn_without_torch_or_mlflow(tmp_path):
     env = {**os.environ, "LEOCLR_DATA_DIR": str(tmp_path), "LEOCLR_API_TOKEN": "t",
            "LEOCLR_RAY_JOBS_ADDRESS": "http://127.0.0.1:9"}  # a cluster given: no embedded head to start
     assert json.loads(_python(SERVE, env=env)) == []
+
+
+BOTH_AT_ONCE = """
+import sys, threading
+from service.runner import RayJobsRunner
+from service.tracking import LazyTracking
+
+errors = []
+def ray_first_use():
+    try:
+        RayJobsRunner("http://127.0.0.1:9").ping()  # imports Ray's Jobs client; nothing listens there
+    except Exception as exc:
+        if "partially initialized" in str(exc) or isinstance(exc, (ImportError, AttributeError)):
+            errors.append(f"ray: {exc!r}")
+def mlflow_first_use():
+    try:
+        LazyTracking("sqlite:///" + sys.argv[1] + "/mlflow.db")()
+    except Exception as exc:
+        errors.append(f"mlflow: {exc!r}")
+threads = [threading.Thread(target=ray_first_use), threading.Thread(target=mlflow_first_use)]
+for t in threads: t.start()
+for t in threads: t.join()
+assert not errors, errors
+"""
+
+
+def test_the_first_uses_of_ray_and_mlflow_from_two_threads_at_once_both_work(tmp_path):
+    # The reconcile loop's first ping of Ray and a first MLflow read at the same moment: two threads
+    # importing both packages at once once left Ray's client half-imported for the life of the process
+    # (every job stayed queued). A fresh interpreter, as the service starts.
+    env = {**os.environ, "LEOCLR_DATA_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", BOTH_AT_ONCE, str(tmp_path)], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
