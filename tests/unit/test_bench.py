@@ -10,27 +10,12 @@ from leoclr_core.data import SyntheticObjects
 from leoclr_core.data.jpeg import EncodedImages, collate_jpeg_or_pixels, decode_resize_batch
 from leoclr_core.spec.models import SyntheticSpec, load_spec
 
+from .bench_shared import TINY_BENCH_SPEC, one_thread  # noqa: F401 - one_thread is a fixture
+
 # torchvision 0.29 deprecates its JPEG codecs on every call; they are what the GPU box's 0.26 has.
-pytestmark = pytest.mark.filterwarnings("ignore:.*TorchCodec:DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:.*TorchCodec:DeprecationWarning"), pytest.mark.usefixtures("one_thread")]
 
-TINY = {
-    "kind": "pretrain", "name": "tiny-bench",
-    "data": {"num_images": 64, "image_size": 16, "synthetic": {"source_size": 20, "object_size": [8, 14],
-                                                                "distractor_size": [5, 8]}},
-    "model": {"backbone": "tiny", "width": 4, "proj_hidden_dim": 16, "proj_dim": 8},
-    "loss": {"queue_size": 32},
-    "augment": {"batched": True},
-    "optim": {"batch_size": 16},
-}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """A tiny model gains nothing from threads, and on a busy 2-core box they only contend."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+TINY = {**TINY_BENCH_SPEC, "name": "tiny-bench"}
 
 
 @pytest.fixture

@@ -12,24 +12,10 @@ pytest.importorskip("lightly")
 from bench import peers  # noqa: E402
 from leoclr_core.spec.models import load_spec  # noqa: E402
 
-TINY = {
-    "kind": "pretrain", "name": "tiny-peers",
-    "data": {"num_images": 64, "image_size": 16, "synthetic": {"source_size": 20, "object_size": [8, 14],
-                                                                "distractor_size": [5, 8]}},
-    "model": {"backbone": "tiny", "width": 4, "proj_hidden_dim": 16, "proj_dim": 8},
-    "loss": {"queue_size": 32},
-    "augment": {"batched": True},
-    "optim": {"batch_size": 16},
-}
+from .bench_shared import TINY_BENCH_SPEC, one_thread  # noqa: F401 - one_thread is a fixture
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """A tiny model gains nothing from threads, and on a busy 2-core box they only contend."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+TINY = {**TINY_BENCH_SPEC, "name": "tiny-peers"}
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_spec(tmp_path, overrides=()):
