@@ -12,3 +12,32 @@ def _isolated_environment(tmp_path_factory):
         mp.delenv(var, raising=False)
     yield
     mp.undo()
+
+
+# The production backends as real servers (tests/backends.py), started once per session on first use.
+
+@pytest.fixture(scope="session")
+def postgres():
+    from tests.backends import start_postgres
+
+    server, stop = start_postgres()
+    yield server
+    stop()
+
+
+@pytest.fixture(scope="session")
+def s3():
+    from tests.backends import start_s3
+
+    server, stop = start_s3()
+    yield server
+    stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def job_database(request, tmp_path):
+    """A job store URL: a SQLite file (the embedded default) and, in a second run of the test, a fresh
+    database on a real PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'jobs.db'}"
+    return request.getfixturevalue("postgres").database("jobs")
