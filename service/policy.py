@@ -24,6 +24,8 @@ def _inside(path: str, roots: list[Path], field: str, what: str) -> None:
         return
     if "://" in path:
         raise PolicyError(f"{field}: {path!r} has a scheme this service does not read ({', '.join(REMOTE)} or a path)")
+    if "\0" in path:  # Path.resolve would raise ValueError: a 500 instead of the 422 it deserves
+        raise PolicyError(f"{field}: contains a NUL character")
     resolved = Path(path).expanduser().resolve()
     if not any(resolved == r or resolved.is_relative_to(r) for r in roots):
         raise PolicyError(f"{field}: {path!r} is outside the {what} ({', '.join(map(str, roots))})")

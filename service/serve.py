@@ -10,14 +10,43 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Mapping, Optional
 
 import typer
 from rich.console import Console
 
+if TYPE_CHECKING:
+    from service.settings import ServiceSettings
+
 console = Console(stderr=True)
 
 DRIVER_MLFLOW_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+def describe_backends(s: ServiceSettings, environ: Mapping[str, str] = os.environ) -> list[str]:
+    """What `leoclr serve` says at start about where it keeps things: the job store, MLflow and the
+    checkpoint storage (for s3://, the endpoint too), with passwords masked, and for an embedded
+    default the variable that moves it out. Never a secret key: where, not with what."""
+    from service.settings import masked_uri
+    from service.store import shown
+
+    storage = masked_uri(s.ray_storage)
+    if not s.storage_path:
+        storage += " (a local folder; LEOCLR_STORAGE_PATH moves it to shared storage, e.g. s3://bucket/prefix)"
+    elif s.storage_path.startswith("s3://"):
+        name = next((n for n in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL") if environ.get(n)), None)
+        storage += f" at {masked_uri(environ[name])} ({name})" if name else " at AWS (AWS_ENDPOINT_URL unset)"
+    embedded = " (SQLite, embedded; {} moves it to a server)"
+    return [
+        f"job store: {shown(s.job_database_url)}" + ("" if s.database_url else embedded.format("LEOCLR_DATABASE_URL")),
+        f"MLflow: {masked_uri(s.tracking_uri)}" + ("" if s.mlflow_tracking_uri else embedded.format("MLFLOW_TRACKING_URI")),
+        f"checkpoints: {storage}",
+    ]
+
+
+def _say(line: str) -> None:
+    # No markup (a URL's [::1] is no style), and no wrapping: a line stays one line in a log.
+    console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def serve(
@@ -34,9 +63,11 @@ def serve(
     from service.app import create_app
     from service.cluster import HeadSupervisor, ensure_head
     from service.runner import RayJobsRunner
-    from service.settings import ServiceSettings
+    from service.settings import ServiceSettings, masked_uri
 
     s = ServiceSettings()
+    for line in describe_backends(s):
+        _say(line)
     supervisor = None
     # What every job's driver is told, so its runs, checkpoints and models land where the API looks.
     env = {"LEOCLR_DATA_DIR": str(s.home), "MLFLOW_TRACKING_URI": s.tracking_uri}
@@ -48,13 +79,13 @@ def serve(
         env[name] = os.environ.get(name, value)
     if s.ray_jobs_address:
         runner = RayJobsRunner(s.ray_jobs_address, env=env)
-        console.print(f"Ray Jobs API: {s.ray_jobs_address}")
+        _say(f"Ray Jobs API: {masked_uri(s.ray_jobs_address)}")
     elif s.ray_address:
         from service.runner import dashboard_url
 
         ray_address = s.ray_address
         runner = RayJobsRunner(lambda: dashboard_url(ray_address), env=env)  # asked again until the cluster answers
-        console.print(f"Ray cluster {ray_address} (its Jobs API is found on first use)")
+        _say(f"Ray cluster {masked_uri(ray_address)} (its Jobs API is found on first use)")
     else:
         try:
             head = ensure_head(s.home, num_cpus)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from pydantic import AliasChoices, Field
 
@@ -78,3 +80,28 @@ class ServiceSettings(ClientSettings):
     @property
     def job_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.home / 'jobs.db'}"
+
+
+# Query parameters that may carry a credential (pyarrow's s3://...?secret_key=, a token in a URI).
+_SECRET_PARAM = re.compile(r"pass|secret|token|key|signature|credential|auth", re.IGNORECASE)
+
+
+def masked_uri(uri: str) -> str:
+    """`uri` fit for logs: a password in it (scheme://user:password@host) and query parameters that may
+    hold a credential shown as ***; the rest kept as written (urlunsplit would turn sqlite:////path
+    into sqlite://path)."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError:  # e.g. an unclosed [ of an IPv6 host: whatever it holds, not shown
+        return "(not a valid URI)"
+    out = uri
+    if "@" in parts.netloc:
+        userinfo, host = parts.netloc.rsplit("@", 1)
+        user, has_password, _ = userinfo.partition(":")
+        if has_password:
+            out = out.replace(f"//{parts.netloc}", f"//{user}:***@{host}", 1)
+    if parts.query and any(_SECRET_PARAM.search(k) for k, _ in parse_qsl(parts.query, keep_blank_values=True)):
+        query = urlencode([(k, "***" if _SECRET_PARAM.search(k) else v)
+                           for k, v in parse_qsl(parts.query, keep_blank_values=True)], safe="*/:")
+        out = out.replace(f"?{parts.query}", f"?{query}", 1)
+    return out

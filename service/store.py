@@ -1,4 +1,6 @@
-"""The job store (SQLAlchemy): SQLite by default, any database SQLAlchemy speaks (PostgreSQL) by URL.
+"""The job store (SQLAlchemy): SQLite by default, PostgreSQL (or another database SQLAlchemy
+speaks) by URL. Its schema is versioned with Alembic (service/migrations): a store is upgraded to
+the newest revision when it is opened, so `leoclr serve` brings an older database up to date on start.
 
 A job row is written before anything is submitted, so a job the API accepted is never lost: if
 the submission to Ray fails, the row says so (status `failed`, the error), and a restarted API
@@ -12,8 +14,9 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, String, Text, create_engine, func, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import JSON, DateTime, Index, String, Text, create_engine, func, select, update
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from leoclr_core.settings import prepare_sqlite
@@ -21,6 +24,12 @@ from leoclr_core.settings import prepare_sqlite
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "lost")
 # `lost`: Ray no longer knows the job (its head died or was replaced); the error says what was seen.
 FINISHED = ("succeeded", "failed", "cancelled", "lost")
+UNFINISHED = tuple(s for s in STATUSES if s not in FINISHED)
+# Connections a store may open: the API's sync routes run on anyio's 40 worker threads, the
+# reconcile loop and a metrics scrape on their own, so a burst of requests never waits for one (a
+# wait would end in a 500 after SQLAlchemy's 30 s). 10 stay open between bursts; the rest are
+# closed when returned. Two services on one PostgreSQL server stay under its default 100.
+POOL_SIZE, MAX_OVERFLOW = 10, 32
 
 
 class IdempotencyConflict(ValueError):
@@ -37,12 +46,19 @@ def _now() -> datetime:
 
 class Job(Base):
     __tablename__ = "jobs"
+    __table_args__ = (  # what the frequent reads filter and order by (migration 0002 says which)
+        Index("ix_jobs_status_created_at", "status", "created_at"),
+        Index("ix_jobs_created_at_id", "created_at", "id"),
+    )
+    # A change here is a new revision in service/migrations/versions (tests/unit/test_store.py
+    # checks that the revisions make exactly this table).
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: uuid.uuid4().hex)
     kind: Mapped[str] = mapped_column(String(16), index=True)
     name: Mapped[str] = mapped_column(String(64))
+    # JSON, not PostgreSQL's JSONB: JSONB refuses "\u0000", which a spec's free-text fields may hold.
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
-    status: Mapped[str] = mapped_column(String(16), index=True, default="queued")
+    status: Mapped[str] = mapped_column(String(16), default="queued")
     submission_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
     idempotency_key: Mapped[str | None] = mapped_column(String(128), unique=True, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -51,15 +67,52 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, onupdate=_now)
 
 
+def store_url(url: str) -> URL:
+    """The job store's SQLAlchemy URL. `postgres://` and `postgresql://` (as many hosts hand them out)
+    mean PostgreSQL through psycopg, the driver of the `postgres` extra (SQLAlchemy's default for
+    them would be psycopg2). Errors never repeat the URL: it may carry a password."""
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 - SQLAlchemy's ArgumentError, or a bad port number
+        raise ValueError("the job store's URL (LEOCLR_DATABASE_URL) is not a database URL; e.g. "
+                         "postgresql+psycopg://user:password@host:5432/leoclr or sqlite:////path/to/jobs.db") from None
+    if parsed.drivername in ("postgres", "postgresql"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def shown(url: str | URL) -> str:
+    """The URL with its password masked, fit for logs and errors."""
+    try:
+        return (store_url(url) if isinstance(url, str) else url).render_as_string(hide_password=True)
+    except ValueError:
+        return "(not a database URL)"
+
+
 class JobStore:
     def __init__(self, url: str):
+        from service import migrations
+
         prepare_sqlite(url)
-        # A pooled connection to a database server can go stale and is tested before use; to a
-        # SQLite file it cannot, and the test (a SELECT 1 per session) was about a tenth of the
-        # server's time per job read in a profile.
-        self.engine = create_engine(url, pool_pre_ping=not url.startswith("sqlite"))
-        Base.metadata.create_all(self.engine)
+        self.url = store_url(url)
+        try:
+            # A pooled connection to a database server can go stale and is tested before use; to a
+            # SQLite file it cannot, and the test (a SELECT 1 per session) was about a tenth of the
+            # server's time per job read in a profile.
+            self.engine = create_engine(self.url, pool_pre_ping=self.url.get_backend_name() != "sqlite",
+                                        pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW)
+            if not migrations.at_head(self.engine):
+                migrations.upgrade(self.url)
+        except ImportError as exc:
+            raise RuntimeError(f"the job store at {shown(self.url)} needs a driver that is not installed ({exc}); "
+                               "for PostgreSQL: pip install 'leoclr[postgres]'") from None
+        except OperationalError as exc:
+            raise RuntimeError(f"the job store at {shown(self.url)} could not be opened: {exc.orig}") from None
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def close(self) -> None:
+        """Close its pooled connections (a database server counts them against its limit)."""
+        self.engine.dispose()
 
     def create(self, kind: str, name: str, spec: dict[str, Any], idempotency_key: str | None = None) -> tuple[Job, bool]:
         """(job, created). With a key already used for this spec, the job it created and False; for
@@ -93,7 +146,7 @@ class JobStore:
             if kind:
                 q = q.where(Job.kind == kind)
             total = s.scalar(select(func.count()).select_from(q.subquery())) or 0
-            rows = s.scalars(q.order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)).all()
+            rows = s.scalars(q.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit).offset(offset)).all()
             return list(rows), total
 
     def update(self, job_id: str, **fields: Any) -> Job:
@@ -129,8 +182,11 @@ class JobStore:
             return {(st, kind): n for st, kind, n in rows}
 
     def unfinished(self) -> list[Job]:
+        """Jobs queued or running, oldest first. `IN (queued, running)`, not `NOT IN (finished)`: an
+        index serves the first, while the second reads every job the store ever had."""
         with self.sessions() as s:
-            return list(s.scalars(select(Job).where(Job.status.not_in(FINISHED))).all())
+            return list(s.scalars(select(Job).where(Job.status.in_(UNFINISHED))
+                                  .order_by(Job.created_at, Job.id)).all())
 
 
 def _same_request(found: Job, spec: dict[str, Any], key: str) -> Job:

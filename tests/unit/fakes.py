@@ -1,9 +1,14 @@
-"""What the service's unit tests share: a stand-in for Ray Jobs, specs, an app on a temp folder, and an
-MLflow store (SQLite) to write what a job's driver would."""
+"""What the service's unit tests share: a stand-in for Ray Jobs, specs, an app on a temp folder with
+its job store on SQLite or PostgreSQL (`job_database`: each test runs on both), and an MLflow store
+(SQLite) to write what a job's driver would."""
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -56,7 +61,8 @@ class FakeRunner:
 
 class ServiceClient(TestClient):
     """The app's TestClient, entered once its tracking store is prepared: until then the gate holds
-    every job queued (LazyTracking.store_ready), and these tests expect a job handed over at once."""
+    every job queued (LazyTracking.store_ready), and these tests expect a job handed over at once.
+    Its job store's connections are closed when it exits (a PostgreSQL server counts them)."""
 
     def __enter__(self):
         client = super().__enter__()
@@ -66,13 +72,48 @@ class ServiceClient(TestClient):
             time.sleep(0.05)
         return client
 
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            store = getattr(self.app.state, "store", None)
+            if store is not None:
+                store.close()
+
+
+_EMPTY_MLFLOW: list[Path] = []
+
+
+def empty_mlflow_db() -> Path:
+    """An MLflow SQLite database with its schema and nothing else, made once a session: creating the
+    schema (MLflow's migrations) took 3 s of every app and MLflow store these tests make; a copy, none."""
+    if not _EMPTY_MLFLOW:
+        from service.tracking import LazyTracking
+
+        folder = Path(tempfile.mkdtemp(prefix="leoclr-mlflow-schema-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        LazyTracking(f"sqlite:///{folder / 'mlflow.db'}")()
+        _EMPTY_MLFLOW.append(folder / "mlflow.db")
+    return _EMPTY_MLFLOW[0]
+
+
+def fresh_mlflow_db(path: Path) -> None:
+    """An empty MLflow store at `path` (a copy of empty_mlflow_db), unless one is there."""
+    if not path.exists():
+        shutil.copy(empty_mlflow_db(), path)
+
 
 @pytest.fixture()
-def make_client(tmp_path):
-    def make(runner=None, **settings):
-        s = ServiceSettings(data_dir=tmp_path, api_token=TOKEN, **settings)
+def make_client(tmp_path, job_database):
+    """make(runner, **settings, **create_app options): an app on `tmp_path`, its job store at
+    `job_database`, its MLflow store a copy of an empty one (unless the test made one there first)."""
+    def make(runner=None, reconcile_interval: float = 2.0, fresh_s: float = 0, **settings):
+        s = ServiceSettings(data_dir=tmp_path, api_token=TOKEN, database_url=job_database, **settings)
+        if s.tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}":
+            fresh_mlflow_db(tmp_path / "mlflow.db")
         # fresh_s=0: every read asks the runner, as these tests change its answers between reads
-        return ServiceClient(create_app(s, runner if runner is not None else FakeRunner(), fresh_s=0))
+        return ServiceClient(create_app(s, runner if runner is not None else FakeRunner(), fresh_s=fresh_s,
+                                        reconcile_interval=reconcile_interval))
     return make
 
 
@@ -86,6 +127,7 @@ def mlflow_store(tmp_path):
             location = artifact_location or (tmp_path / "artifacts" / name).as_uri()
             return super().create_experiment(name, location, tags)
 
+    fresh_mlflow_db(Path(tmp_path) / "mlflow.db")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     return uri, Store(tracking_uri=uri, registry_uri=uri)
 

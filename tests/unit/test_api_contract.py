@@ -174,6 +174,65 @@ def test_of_concurrent_cancels_of_one_job_exactly_one_succeeds(make_client):
         assert c.get(f"/v1/jobs/{job['id']}", headers=AUTH).json()["status"] == "cancelled"
 
 
+def test_thirty_simultaneous_posts_with_one_idempotency_key_make_one_job(make_client):
+    # Through the app's worker threads at once, on both stores: every request but one finds the key
+    # taken (before its insert, or by the unique index refusing it) and answers the job that one made.
+    runner = FakeRunner()
+    barrier = threading.Barrier(30, timeout=60)
+
+    def post(_):
+        barrier.wait()
+        r = c.post("/v1/jobs", json=SPEC, headers={**AUTH, "Idempotency-Key": "burst-1"})
+        return r.status_code, r.json().get("id")
+
+    with make_client(runner) as c:
+        with ThreadPoolExecutor(30) as pool:
+            answers = list(pool.map(post, range(30)))
+        codes = sorted(code for code, _ in answers)
+        assert codes == [200] * 29 + [201], answers
+        assert len({job_id for _, job_id in answers}) == 1
+        assert c.get("/v1/jobs", headers=AUTH).json()["total"] == 1 and len(runner.submitted) == 1
+
+
+class FinishRace(FakeRunner):
+    """Ray reports the job succeeded to the reconcile loop while it takes the API's stop: both sides
+    reach the store's finish at the same moment (the barrier), each sure the job is theirs to end."""
+
+    def __init__(self):
+        super().__init__()
+        self.barrier = threading.Barrier(2, timeout=30)
+
+    def stop(self, submission_id):
+        self.barrier.wait()
+        return True
+
+
+def test_a_cancel_racing_the_loops_finish_has_one_outcome_and_the_job_is_finished_once(make_client):
+    from service.reconcile import reconcile_once
+
+    runner = FinishRace()
+    with make_client(runner, reconcile_interval=3600) as c:
+        store = c.app.state.store
+        finish, wins = store.finish, []
+        store.finish = lambda *a, **kw: (lambda job: wins.append(job) or job)(finish(*a, **kw))
+        for _ in range(4):
+            job = c.post("/v1/jobs", json=SPEC, headers=AUTH).json()
+            runner.state = "succeeded"
+            result = {"knn_top1": 12.5}
+            loop = ThreadPoolExecutor(1).submit(
+                reconcile_once, store, runner, read_result=lambda j: runner.barrier.wait() is not None and result)
+            cancel = c.post(f"/v1/jobs/{job['id']}/cancel", headers=AUTH)
+            assert loop.result(timeout=60) in (0, 1)
+            final = c.get(f"/v1/jobs/{job['id']}", headers=AUTH).json()
+            assert len([w for w in wins if w is not None and w.id == job["id"]]) == 1, wins  # finished once
+            if final["status"] == "cancelled":
+                assert cancel.status_code == 200 and final["result"] is None, (cancel.text, final)
+            else:
+                assert final["status"] == "succeeded" and final["result"] == result, final
+                assert cancel.status_code == 409 and "succeeded" in cancel.json()["detail"], cancel.text
+            runner.state = "running"
+
+
 @pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b'{"kind": "nope"}', b"x" * 5000])
 def test_a_request_without_the_token_is_401_whatever_its_body(make_client, body):
     with make_client(max_body_bytes=1000) as c:
@@ -210,7 +269,9 @@ def test_a_job_reads_while_mlflow_is_unreachable_and_says_why(make_client, api_e
         doc = c.get("/openapi.json").json()
         job = c.post("/v1/jobs", json=SPEC, headers=AUTH).json()
         r = c.get(f"/v1/jobs/{job['id']}", headers=AUTH)
-        assert r.status_code == 200 and r.json()["status"] == "running" and r.json()["progress"] is None
+        # kept queued (a driver started now could log nothing), saying why, and read without a 500
+        assert r.status_code == 200 and r.json()["status"] == "queued" and r.json()["progress"] is None, r.json()
+        assert "MLflow" in r.json()["error"] and "127.0.0.1" in r.json()["error"], r.json()
         assert "MLflow" in r.json()["tracking_error"] and "127.0.0.1" in r.json()["tracking_error"], r.json()
         _conforms(doc, "get", "/v1/jobs/{job_id}", r)
         for path, r in (("/v1/models", c.get("/v1/models", headers=AUTH)),

@@ -1,6 +1,7 @@
-"""Schemathesis against the app in-process: every operation of the OpenAPI document, with generated
-valid and invalid input, under all of Schemathesis's checks (no 5xx; every status, content type,
-header and body as documented; invalid input refused, valid input accepted; auth not ignored).
+"""Schemathesis against the app in-process, its job store on SQLite and on PostgreSQL: every
+operation of the OpenAPI document, with generated valid and invalid input, under all of
+Schemathesis's checks (no 5xx; every status, content type, header and body as documented; invalid
+input refused, valid input accepted; auth not ignored).
 
 Each operation alone, with valid and with invalid input; then sequences that follow the document's
 links. Ray Jobs is the FakeRunner, so an accepted job starts no training. Bounded: about 1,000 requests.
@@ -25,7 +26,7 @@ from service.app import create_app
 from service.settings import ServiceSettings
 from service.store import Job
 
-from .fakes import AUTH, SPEC, TOKEN, FakeRunner
+from .fakes import AUTH, SPEC, TOKEN, FakeRunner, fresh_mlflow_db
 
 EXAMPLES = 35  # per operation and mode: x 11 operations x 2 modes, about 700 requests
 ON_JOBS = 25  # per operation on a job: valid input naming jobs that exist, one running, one finished
@@ -40,8 +41,9 @@ CONFIG = {
 }
 
 
-def test_the_api_keeps_its_openapi_contract(tmp_path, capsys):
-    s = ServiceSettings(data_dir=tmp_path, api_token=TOKEN)
+def test_the_api_keeps_its_openapi_contract(tmp_path, capsys, job_database):
+    s = ServiceSettings(data_dir=tmp_path, api_token=TOKEN, database_url=job_database)
+    fresh_mlflow_db(tmp_path / "mlflow.db")
     app = create_app(s, FakeRunner(), reconcile_interval=3600, fresh_s=0)
     schema = schemathesis.openapi.from_asgi("/openapi.json", app, config=SchemathesisConfig.from_dict(CONFIG))
     load_all_checks()
@@ -101,6 +103,7 @@ def test_the_api_keeps_its_openapi_contract(tmp_path, capsys):
     except (Exception, BaseExceptionGroup) as exc:  # noqa: BLE001
         failures["stateful sequences"] = str(exc)
 
+    app.state.store.close()
     with capsys.disabled():
         print(f"\nschemathesis {schemathesis.__version__}, {len(checks)} checks: {sum(examples.values())} examples "
               f"over {len(examples)} operation x mode pairs, {len(failures)} failing")

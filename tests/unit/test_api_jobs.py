@@ -1,14 +1,11 @@
-"""The job routes (routers/jobs.py) over a real job store and a stand-in for Ray Jobs: submit, list,
-read, logs and cancel, one test per outcome a client relies on."""
+"""The job routes (routers/jobs.py) over a real job store (SQLite and PostgreSQL) and a stand-in for
+Ray Jobs: submit, list, read, logs and cancel, one test per outcome a client relies on."""
 
 from __future__ import annotations
 
 import pytest
 
-from service.app import create_app
-from service.settings import ServiceSettings
-
-from .fakes import AUTH, SPEC, TUNE, FakeRunner, ServiceClient, make_client  # noqa: F401 - make_client is a fixture
+from .fakes import AUTH, SPEC, TUNE, FakeRunner, make_client  # noqa: F401 - make_client is a fixture
 
 
 def test_submit_stores_and_submits_a_valid_spec(make_client):
@@ -144,6 +141,7 @@ def test_a_wrong_type_is_422_naming_the_field(make_client):
     ("data.path", {"data": {"source": "imagefolder", "path": "file:///etc"}}),
     ("output_dir", {"output_dir": "/tmp/elsewhere"}),
     ("checkpoint.storage_path", {"checkpoint": {"storage_path": "/var/tmp/ckpt"}}),
+    ("data.path", {"data": {"source": "imagefolder", "path": "{home}/datasets/a\u0000b"}}),
 ])
 def test_a_spec_may_not_reach_outside_the_data_roots(make_client, tmp_path, field, spec):
     spec = {k: {kk: vv.replace("{home}", str(tmp_path)) if isinstance(vv, str) else vv for kk, vv in v.items()}
@@ -194,13 +192,12 @@ def test_logs_of_a_job_not_yet_on_ray_is_409(make_client):
         assert r.status_code == 409 and "not reached Ray" in r.json()["detail"]
 
 
-def test_an_unfinished_jobs_view_is_reused_for_a_second(tmp_path):
+def test_an_unfinished_jobs_view_is_reused_for_a_second(make_client):
     runner = FakeRunner()
     calls = []
     status = runner.status
     runner.status = lambda sid: calls.append(sid) or status(sid)
-    s = ServiceSettings(data_dir=tmp_path, api_token="secret-token")
-    with ServiceClient(create_app(s, runner, reconcile_interval=3600, fresh_s=60)) as c:
+    with make_client(runner, reconcile_interval=3600, fresh_s=60) as c:
         job = c.post("/v1/jobs", json=SPEC, headers=AUTH).json()
         for _ in range(5):
             assert c.get(f"/v1/jobs/{job['id']}", headers=AUTH).json()["status"] == "running"
