@@ -1,5 +1,10 @@
 """A folder of image files: `path/<class>/<img>` (labelled) or any tree of images (unlabelled).
 
+`path` is a local folder or an object-store prefix (`s3://bucket/prefix`, `gs://...`): a prefix is
+listed once through pyarrow's filesystems (which take the endpoint and credentials from the
+standard variables: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) and its files are read on use, so
+both give the same splits of the same files.
+
 Splits: when `path/train` and `path/val` (or `path/test`) exist they are the splits; otherwise
 the test split is a seeded hold-out of `num_test` files and train is the rest, so the same seed
 always gives the same, disjoint, splits. File lists are sorted, so indices are stable.
@@ -15,7 +20,8 @@ from __future__ import annotations
 
 import copy
 import io
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -27,6 +33,117 @@ from leoclr_core.data.jpeg import device_decodable
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 _SPLIT_TAG = 0x1F01DE5  # keeps the hold-out stream apart from other seeded draws
+
+
+def is_uri(path: str | Path | None) -> bool:
+    """An object-store location (s3://, gs://) rather than a local path."""
+    return path is not None and "://" in str(path)
+
+
+class _Listing:
+    """Everything under an object-store prefix, listed once (pyarrow.fs: one recursive LIST).
+    The filesystem is made again from the URI in each process that reads, never pickled: a
+    process takes its credentials from its own environment."""
+
+    def __init__(self, uri: str) -> None:
+        import pyarrow.fs as pafs
+
+        self.uri = uri.rstrip("/")
+        self._fs, self.root = pafs.FileSystem.from_uri(self.uri)
+        infos = self._fs.get_file_info(pafs.FileSelector(self.root, recursive=True, allow_not_found=True))
+        self.files: set[tuple[str, ...]] = set()
+        self.dirs: set[tuple[str, ...]] = set()
+        for info in infos:
+            parts = PurePosixPath(info.path).relative_to(self.root).parts
+            (self.files if info.type == pafs.FileType.File else self.dirs).add(parts)
+            self.dirs.update(parts[:i] for i in range(len(parts)))  # a key's "folders" exist through it
+        self.children: dict[tuple[str, ...], list[tuple[str, ...]]] = {}
+        for parts in self.files | self.dirs:
+            if parts:
+                self.children.setdefault(parts[:-1], []).append(parts)
+
+    def filesystem(self) -> Any:
+        if self._fs is None:
+            import pyarrow.fs as pafs
+
+            self._fs = pafs.FileSystem.from_uri(self.uri)[0]
+        return self._fs
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_fs": None}
+
+    def read(self, parts: tuple[str, ...]) -> bytes:
+        with self.filesystem().open_input_stream("/".join((self.root, *parts))) as f:
+            return f.read()
+
+
+class ObjectStorePath:
+    """The part of `pathlib.Path` an image folder uses, over an object-store prefix's listing
+    (`_Listing`): `str()` is the object's URI, which Ray Data and pyarrow read."""
+
+    def __init__(self, listing: _Listing, parts: tuple[str, ...] = ()) -> None:
+        self.listing, self.parts = listing, parts
+
+    @classmethod
+    def list(cls, uri: str) -> "ObjectStorePath":
+        return cls(_Listing(uri))
+
+    def __truediv__(self, name: str) -> "ObjectStorePath":
+        return ObjectStorePath(self.listing, self.parts + PurePosixPath(name).parts)
+
+    @property
+    def name(self) -> str:
+        return self.parts[-1] if self.parts else PurePosixPath(self.listing.root).name
+
+    @property
+    def suffix(self) -> str:
+        return PurePosixPath(self.name).suffix
+
+    def expanduser(self) -> "ObjectStorePath":
+        return self
+
+    def is_file(self) -> bool:
+        return self.parts in self.listing.files
+
+    def is_dir(self) -> bool:
+        return self.parts in self.listing.dirs
+
+    def exists(self) -> bool:
+        return self.is_file() or self.is_dir()
+
+    def iterdir(self) -> Iterator["ObjectStorePath"]:
+        return (ObjectStorePath(self.listing, p) for p in self.listing.children.get(self.parts, []))
+
+    def rglob(self, pattern: str) -> Iterator["ObjectStorePath"]:
+        if pattern != "*":
+            raise ValueError(f"only rglob('*') is supported under {self}")
+        for child in self.iterdir():
+            yield child
+            yield from child.rglob("*")
+
+    def read_bytes(self) -> bytes:
+        return self.listing.read(self.parts)
+
+    def __str__(self) -> str:
+        return "/".join((self.listing.uri, *self.parts))
+
+    def __repr__(self) -> str:
+        return f"ObjectStorePath({str(self)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ObjectStorePath) and (self.listing.uri, self.parts) == (
+            other.listing.uri, other.parts)
+
+    def __hash__(self) -> int:
+        return hash((self.listing.uri, self.parts))
+
+    def __lt__(self, other: "ObjectStorePath") -> bool:  # by path components, as pathlib sorts
+        return self.parts < other.parts
+
+
+def folder_path(path: str | Path) -> "Path | ObjectStorePath":
+    """A local folder, or an object-store prefix listed once."""
+    return ObjectStorePath.list(str(path)) if is_uri(path) else Path(path).expanduser()
 
 
 def _is_image(p: Path) -> bool:
@@ -102,7 +219,8 @@ class ImageFolder(ServesEncoded, ImageSource):
             raise ValueError(f"num_images must be a positive int or None (all), got {num_images!r}")
         if num_test < 0:
             raise ValueError(f"num_test must be >= 0, got {num_test}")
-        self.root = Path(path).expanduser()
+        self.root = folder_path(path)
+        self.remote = isinstance(self.root, ObjectStorePath)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder '{self.root}' does not exist or is not a directory")
         self.labelled = bool(labelled)
@@ -173,13 +291,15 @@ class ImageFolder(ServesEncoded, ImageSource):
 
     def _load(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.files[index], int(self.labels[index])
-        if not self.encoded:
+        if not self.encoded and not self.remote:
             return decode_image(path, self.resize_to), label
         try:
             raw = path.read_bytes()
         except OSError as exc:
             raise CorruptImageError(f"{type(exc).__name__}: {exc}") from exc
-        return self.encoded_or_decoded(raw), label
+        if self.encoded:
+            return self.encoded_or_decoded(raw), label
+        return decode_image(io.BytesIO(raw), self.resize_to), label
 
 
 def decode_image(file: str | Path | io.BytesIO, draft_size: int | None = None) -> torch.Tensor:

@@ -1,12 +1,14 @@
 """Parquet files of encoded images: one row per image, the image's file bytes in `image_column`,
 an optional label in `label_column` (ints or strings).
 
-`path` is a Parquet file or a folder of them. Splits: when `path/train` and `path/val` (or
+`path` is a Parquet file or a folder of them, local or an object-store URI (`s3://bucket/prefix`,
+`gs://...`; pyarrow's filesystems take the endpoint and credentials from the standard variables:
+AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...). Splits: when `path/train` and `path/val` (or
 `path/test`) exist they are the splits; otherwise every row is training data and there is no
 test split (k-NN during pretraining is then skipped). Rows are read with pyarrow (imported on
-use, so the training core still runs where pyarrow is absent); on Ray, the same files stream
-through Ray Data's Parquet reader instead (local paths or s3:// / gs:// URIs). Like an image
-folder, rows of JPEGs can be left to the training device to decode (`encoded_copy()`).
+use, so the training core still runs where pyarrow is absent); on Ray, the training split
+streams through Ray Data's Parquet reader instead. Like an image folder, rows of JPEGs can be
+left to the training device to decode (`encoded_copy()`).
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ import numpy as np
 import torch
 
 from leoclr_core.data.base import ImageSource, check_resize, check_split
-from leoclr_core.data.imagefolder import ServesEncoded, decode_image
+from leoclr_core.data.imagefolder import ServesEncoded, decode_image, is_uri
 
 
-def parquet_split_paths(path: str | Path) -> tuple[Path, Path | None]:
-    """(train, test) locations of a local Parquet source; test is None when it is not pre-split."""
+def parquet_split_paths(path: str | Path) -> tuple[Path | str, Path | str | None]:
+    """(train, test) locations of a Parquet source (paths, or URIs for an object-store source);
+    test is None when it is not pre-split."""
+    if is_uri(path):
+        return _uri_split_paths(str(path))
     root = Path(path).expanduser()
     if not root.exists():
         raise FileNotFoundError(f"parquet source '{root}' does not exist")
@@ -31,6 +36,23 @@ def parquet_split_paths(path: str | Path) -> tuple[Path, Path | None]:
             if (root / name).exists():
                 return root / "train", root / name
     return root, None
+
+
+def _uri_split_paths(uri: str) -> tuple[str, str | None]:
+    import pyarrow.fs as pafs
+
+    uri = uri.rstrip("/")
+    fs, root = pafs.FileSystem.from_uri(uri)
+    names = ("", "train", "val", "test")
+    infos = fs.get_file_info([f"{root}/{n}" if n else root for n in names])
+    found = {n for n, i in zip(names, infos) if i.type != pafs.FileType.NotFound}
+    if "" not in found:
+        raise FileNotFoundError(f"parquet source '{uri}' does not exist")
+    if "train" in found:
+        for name in ("val", "test"):
+            if name in found:
+                return f"{uri}/train", f"{uri}/{name}"
+    return uri, None
 
 
 class ParquetImages(ServesEncoded, ImageSource):

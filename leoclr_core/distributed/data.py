@@ -5,6 +5,8 @@ Pipeline of a pretrain job (built on the driver, executed afresh every epoch):
     in-memory source (synthetic, CIFAR)      -> from_numpy, in blocks
     image files (local folder or s3://, gs://)  -> read_binary_files -> decode (tasks)
     Parquet (local or s3://, gs://)             -> read_parquet(image column) -> decode (tasks)
+      (the training split only: an image folder's hold-out or test folder, a Parquet source's
+       test folder, stay out of the stream wherever they are stored)
       (when the workers decode, `data.decode`, the tasks decode only the images their device
        decoder should not get)
       -> randomize_block_order
@@ -28,6 +30,13 @@ Ray Data's streaming executor holds back upstream operators when downstream ones
 so memory stays bounded by its object-store budget, not by the dataset. Corrupt files are
 dropped at decode time and counted by a small actor (their distinct paths, so a file seen again
 in every epoch counts once); the count is the `skipped_files` metric.
+
+Object stores are reached through pyarrow's filesystems, which take the endpoint and credentials
+from the standard variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+AWS_DEFAULT_REGION; GCS's own) of each process: the driver's, and every Ray node's (a cluster's
+nodes are started with them; a job never carries them). `check_readable` and `check_writable`
+try a location before a job uses it and turn the store's refusal into a `StorageError` that
+names the location and the likely cause.
 """
 
 from __future__ import annotations
@@ -36,6 +45,9 @@ import hashlib
 import io
 import json
 import logging
+import os
+import re
+import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -49,7 +61,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from leoclr_core.data import as_hwc_array
 from leoclr_core.data.base import CorruptImageError, resize_square
-from leoclr_core.data.imagefolder import EXTENSIONS, ImageFolder, decode_image
+from leoclr_core.data.imagefolder import EXTENSIONS, ImageFolder, decode_image, is_uri  # noqa: F401 - is_uri: also for embed
 from leoclr_core.data.jpeg import collate_jpeg_or_pixels, decode_resize_batch, device_decodable
 from leoclr_core.data.parquet import cell_bytes, parquet_split_paths
 from leoclr_core.data.prefetch import Prefetcher
@@ -82,8 +94,69 @@ class SkipCounter:
         return len(self.paths)
 
 
-def is_uri(path: str) -> bool:
-    return "://" in path
+# ---------------------------------------------------------------- object stores: tried before use
+class StorageError(OSError):
+    """A storage location a job needs cannot be used: which one, and the likely cause."""
+
+
+# pyarrow's S3 errors read "... AWS Error <CODE> during <Operation> operation: <detail>".
+_AWS_ERROR = re.compile(r"AWS Error (\w+) during (\w+) operation")
+_DENIED = {"ACCESS_DENIED", "SIGNATURE_DOES_NOT_MATCH", "INVALID_ACCESS_KEY_ID", "INVALID_CLIENT_TOKEN_ID",
+           "UNRECOGNIZED_CLIENT", "MISSING_AUTHENTICATION_TOKEN", "EXPIRED_TOKEN", "INVALID_SIGNATURE"}
+
+
+def storage_problem(exc: BaseException) -> str:
+    """What went wrong reaching an object store, in words (never the credentials: pyarrow's
+    messages hold none, and this adds only the endpoint)."""
+    text = str(exc)
+    found = _AWS_ERROR.search(text)
+    if found is None:
+        return text.splitlines()[0] if text else type(exc).__name__
+    code, operation = found.groups()
+    if code in _DENIED:
+        return f"access denied (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY?; {code} on {operation})"
+    if code == "NETWORK_CONNECTION":
+        endpoint = os.environ.get("AWS_ENDPOINT_URL") or "AWS's default endpoint"
+        return f"cannot connect to {endpoint} (AWS_ENDPOINT_URL?)"
+    if code == "NO_SUCH_BUCKET":
+        return "no such bucket"
+    return f"{code} on {operation}: {text[found.end():].lstrip(': ').splitlines()[0][:300]}"
+
+
+def _filesystem(uri: str, what: str) -> tuple[Any, str]:
+    import pyarrow.fs as pafs
+
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (OSError, ValueError) as exc:  # an unknown scheme is ArrowInvalid, a ValueError
+        raise StorageError(f"{what} {uri}: {storage_problem(exc)}") from None
+
+
+def check_readable(uri: str, what: str) -> None:
+    """StorageError unless `uri` (an object-store location) can be read; FileNotFoundError if
+    nothing is there."""
+    import pyarrow.fs as pafs
+
+    fs, path = _filesystem(uri, what)
+    try:
+        info = fs.get_file_info(path)
+    except OSError as exc:
+        raise StorageError(f"{what} {uri}: {storage_problem(exc)}") from None
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{what} {uri}: nothing is stored there")
+
+
+def check_writable(uri: str, what: str) -> None:
+    """StorageError unless an object can be written and deleted under `uri` (Ray Train does both
+    with a job's checkpoints): a small probe, removed at once."""
+    fs, path = _filesystem(uri, what)
+    probe = f"{path.rstrip('/')}/.leoclr-write-check-{uuid.uuid4().hex[:12]}"
+    try:
+        with fs.open_output_stream(probe) as out:
+            out.write(b"leoclr")
+        fs.delete_file(probe)
+    except OSError as exc:
+        raise StorageError(f"{what} {uri}: {storage_problem(exc)}") from None
 
 
 def list_image_files(uri: str) -> list[str]:
@@ -222,20 +295,17 @@ def build_dataset(spec: PretrainSpec, counter: Any | None = None,
         "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group)}
     if d.source == "imagefolder":
         size = resize_for_batching(d)
-        if is_uri(d.path):  # type: ignore[arg-type]
-            paths = list_image_files(d.path)  # type: ignore[arg-type]
-            if d.num_images is not None:
-                paths = paths[: d.num_images]
-        else:  # the same train split as the in-process runner (hold-out, caps, seeds)
-            folder = ImageFolder(d.path, "train", labelled=False, num_images=d.num_images,  # type: ignore[arg-type]
-                                 num_test=d.num_test_images, seed=d.seed)
-            paths = [str(p) for p in folder.files]
+        # The same train split as the in-process runner and k-NN's bank (hold-out, caps, seeds),
+        # from a local folder or an object-store prefix (listed once; Ray Data reads the URIs).
+        folder = ImageFolder(d.path, "train", labelled=False, num_images=d.num_images,  # type: ignore[arg-type]
+                             num_test=d.num_test_images, seed=d.seed)
+        paths = [str(p) for p in folder.files]
         ds = ray.data.read_binary_files(paths, include_paths=True, ray_remote_args=inside or None)
         ds = ds.map_batches(decode, fn_kwargs={"size": size, "counter": counter}, batch_size=64, **inside)
         n = len(paths)
     elif d.source == "parquet":
         size = resize_for_batching(d)
-        where = d.path if is_uri(d.path) else str(parquet_split_paths(d.path)[0])  # type: ignore[arg-type]
+        where = str(parquet_split_paths(d.path)[0])  # type: ignore[arg-type]
         # The projection is pushed into the read.
         ds = ray.data.read_parquet(where, ray_remote_args=inside or None).select_columns([d.image_column])
         if d.num_images is not None:

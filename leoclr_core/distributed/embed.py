@@ -315,7 +315,7 @@ def parquet_row_groups(spec: EmbedSpec) -> tuple[list[dict[str, Any]], list[str]
     import pyarrow.parquet as pq
 
     d = spec.data
-    where = d.path if is_uri(d.path) else str(parquet_split_paths(absolute(d.path))[0])  # type: ignore[arg-type]
+    where = str(parquet_split_paths(d.path if is_uri(d.path) else absolute(d.path))[0])  # type: ignore[arg-type]
     dataset = pads.dataset(where, format="parquet")
     scheme = f"{where.split('://', 1)[0]}://" if is_uri(where) else ""  # the dataset names objects without it
     if d.image_column not in dataset.schema.names:

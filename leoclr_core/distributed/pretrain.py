@@ -11,6 +11,10 @@ Fault tolerance is Ray Train's: a dead worker fails the worker group, which rest
 finite is not retried: the workers end, and the driver raises FloatingPointError naming the step.
 Re-running a job with the same name and storage path resumes it (Ray Train v2).
 
+Object-store locations (an `s3://` storage path or data path) are tried before anything else
+(`check_storage`): a store that refuses the credentials of the standard AWS_* variables fails the
+job at once with a `StorageError` naming the location, not deep inside Ray Train or Ray Data.
+
 Re-running a job that already trained all its epochs trains nothing (`RayRun.note` says which):
 - its MLflow run FINISHED in this tracking store: that run is its result, returned as it is (the
   same run, k-NN and registered version; no second version of the same weights);
@@ -48,7 +52,9 @@ from ray.train.torch import TorchTrainer
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
 from leoclr_core import contract, tracking
-from leoclr_core.distributed.data import RayFeed, SkipCounter, build_dataset
+from leoclr_core.distributed.data import (
+    RayFeed, SkipCounter, build_dataset, check_readable, check_writable, is_uri,
+)
 from leoclr_core.distributed.evaluate import decide_promotion
 from leoclr_core.distributed.progress import Follower, ProgressLog, PushProgress
 from leoclr_core.nn import collectives as dist
@@ -144,6 +150,20 @@ class RayRun:
     note: str | None = None  # how a re-run of a finished job was answered, for people
     promotion: dict[str, Any] | None = None  # the promotion decision (register.promote), as tracking records it
 
+
+def check_storage(spec: PretrainSpec, s: CoreSettings) -> None:
+    """Before anything trains: the object-store locations of the job answer with the credentials
+    this process has (the standard AWS_* variables), or the job fails here naming the location and
+    the likely cause, rather than deep in Ray Train or Ray Data. Local paths are left to the
+    errors that name them already."""
+    d = spec.data
+    if d.source in ("imagefolder", "parquet") and is_uri(d.path):
+        check_readable(d.path, "data")  # type: ignore[arg-type]
+    storage = spec.checkpoint.storage_path or s.ray_storage
+    if is_uri(storage):
+        check_writable(storage, "checkpoint storage")
+
+
 def resolve_storage(storage: str) -> str:
     """Ray Train and Tune want an absolute path (created here) or a URI."""
     if "://" in storage:
@@ -176,10 +196,11 @@ def run_pretrain(
     out = Path(out_dir) if out_dir else spec.out_dir
     started = time.perf_counter()
     promote = spec.register.promote
+    check_storage(spec, s)
     if promote is not None and not has_test_split(spec.data):
         raise ValueError(f"register.promote compares {promote.metric} on a labelled test split, and data "
-                         f"({spec.data.source} at {spec.data.path}) has none here (num_test_images 0, an "
-                         "object-store URI, or Parquet without a test split)")
+                         f"({spec.data.source} at {spec.data.path}) has none (num_test_images 0, or "
+                         "Parquet without a test split)")
     storage = resolve_storage(spec.checkpoint.storage_path or s.ray_storage)
     # Ray Train v2 resumes a run re-run under the same name and storage; resume: false gets a fresh name.
     run_name = spec.name if spec.checkpoint.resume else f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -205,7 +226,7 @@ def run_pretrain(
                     f"logged to run {run_id} from that checkpoint, without training again")
             log.warning(note)
             run = _export(spec, out, _load_final(trained), None, run_id, path, s)
-            checkpoint_path = trained.path
+            checkpoint_path = checkpoint_location(trained, path)
         else:
             run, checkpoint_path = _fit(spec, cb, out, run_id, run_name, storage, s, train_callbacks, data_placement)
         run.seconds, run.note = time.perf_counter() - started, note
@@ -269,7 +290,15 @@ def _fit(spec: PretrainSpec, cb: Callbacks, out: Path, run_id: str, run_name: st
     if result.checkpoint is None:
         raise RuntimeError(f"run {run_name} reported no checkpoint; nothing to export")
     return _export(spec, out, _load_final(result.checkpoint), follower, run_id, f"{storage}/{run_name}", s), \
-        result.checkpoint.path
+        checkpoint_location(result.checkpoint, storage)
+
+
+def checkpoint_location(checkpoint: ray.train.Checkpoint, storage: str) -> str:
+    """Where a checkpoint is, as its storage path names it: Ray Train gives an object store's
+    path without its scheme (bucket/prefix/...)."""
+    if is_uri(storage) and not is_uri(checkpoint.path):
+        return f"{storage.split('://', 1)[0]}://{checkpoint.path}"
+    return checkpoint.path
 
 
 def _load_final(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
@@ -310,8 +339,9 @@ def _finished(spec: PretrainSpec, out: Path, trained: ray.train.Checkpoint, run_
     if folder.summary_run_id() != run_id:
         folder.create(spec)
         folder.write_encoder(backbone_from_state(final_state, "the final checkpoint")[0], spec, final)
-        folder.write_summary(spec, final, mlflow_run_id=run_id, storage=path, checkpoint=trained.path,
-                             **_encoder_fields(encoder), already_finished=True)
+        folder.write_summary(spec, final, mlflow_run_id=run_id, storage=path,
+                             checkpoint=checkpoint_location(trained, path), **_encoder_fields(encoder),
+                             already_finished=True)
     return run
 
 

@@ -38,10 +38,13 @@ log = logging.getLogger(__name__)
 
 
 def has_test_split(data: DataSpec) -> bool:
-    """Whether this process can build a labelled test split for k-NN: none for an object-store URI
-    (readable on Ray only), for a Parquet source that is not pre-split, or with num_test_images 0."""
-    if data.num_test_images == 0 or (data.path and "://" in data.path):
+    """Whether a test split for k-NN can be built: none for a Parquet source that is not
+    pre-split, or with num_test_images 0. Image folders and Parquet are read from a local path or
+    an object-store URI alike (pyarrow's filesystems), so a job reading s3:// runs k-NN too."""
+    if data.num_test_images == 0:
         return False
+    if data.path and "://" in data.path and data.source not in ("imagefolder", "parquet"):
+        return False  # the other sources are local files only
     if data.source == "parquet":
         from leoclr_core.data.parquet import parquet_split_paths
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,11 +34,37 @@ def tiny_spec(name: str, tmp_path, **sections: Any) -> dict[str, Any]:
     return spec
 
 
+def upload(s3, bucket: str, root: Path, prefix: str) -> str:
+    """Every file under `root` (a test's images or Parquet files) to s3://bucket/prefix/<its
+    relative path>; that URI."""
+    client = s3.client()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(root).as_posix()}")
+    return f"s3://{bucket}/{prefix}"
+
+
 @pytest.fixture(scope="module")
-def ray_cluster():
-    """A local Ray for the whole module (starting one costs seconds; a Train run about 40 s)."""
+def ray_node_env() -> dict[str, str]:
+    """Variables the module's Ray node starts with; a module overrides this fixture to give them
+    (the S3 variables: on a real cluster each node has the storage credentials in its own
+    environment, never in a job's runtime_env, which the dashboard shows)."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(ray_node_env):
+    """A local Ray for the whole module (starting one costs seconds; a Train run about 40 s). Its
+    node (raylet and workers) inherits this process's environment, with `ray_node_env` set in it
+    for the module; the drivers the module starts inherit the same."""
     import ray
 
-    ctx = ray.init(address="local", num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
-    yield ctx.address_info["address"]
-    ray.shutdown()
+    mp = pytest.MonkeyPatch()
+    for key, value in ray_node_env.items():
+        mp.setenv(key, value)
+    try:
+        ctx = ray.init(address="local", num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False,
+                       log_to_driver=False)
+        yield ctx.address_info["address"]
+        ray.shutdown()
+    finally:
+        mp.undo()

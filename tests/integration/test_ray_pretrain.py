@@ -1,5 +1,11 @@
 """A pretrain job on Ray Train + Ray Data, tracked in MLflow, its encoder registered and pulled back;
-then an evaluate job on Ray from the registry; then a worker killed in the middle of a run."""
+then an evaluate job on Ray from the registry; then a worker killed in the middle of a run.
+
+The module's Ray node and drivers have a real S3 server's variables (SeaweedFS, tests/backends.py):
+the killed-worker and dead-driver runs keep their checkpoints on S3 and restore from there, one image
+folder and one Parquet dataset are read from S3 (with k-NN on their test splits there); the other
+runs use local storage and data.
+"""
 
 from __future__ import annotations
 
@@ -19,8 +25,9 @@ from typer.testing import CliRunner
 
 from leoclr_core.cli import app
 from leoclr_core.settings import core_settings
+from tests.backends import S3_SECRET
 
-from .conftest import tiny_spec
+from .conftest import tiny_spec, upload
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 runner = CliRunner()
@@ -37,6 +44,37 @@ def _mlflow():
     from leoclr_core import tracking
 
     return tracking.client()
+
+
+@pytest.fixture(scope="module")
+def ray_node_env(s3):
+    """The module's Ray node gets the S3 server's endpoint and key pair from its environment."""
+    return s3.env()
+
+
+@pytest.fixture(scope="module")
+def bucket(s3) -> str:
+    """One bucket for the module, a prefix per test (SeaweedFS gives every bucket volumes of its own)."""
+    return s3.bucket("ray")
+
+
+def _kept_checkpoints(s3, bucket: str, prefix: str) -> list[str]:
+    """The checkpoint folders Ray Train keeps under s3://bucket/prefix (each with its file)."""
+    return sorted(k.split("/")[-2] for k in s3.keys(bucket, prefix + "/") if k.endswith("/checkpoint.pt"))
+
+
+def _assert_no_secret(s3, bucket: str, prefix: str, run_id: str, out: Path, *outputs: str) -> None:
+    """The S3 secret is nowhere a user or the service reads: the driver's output, the run folder,
+    the MLflow run's params and tags, and what Ray Train wrote beside the checkpoints."""
+    assert all(S3_SECRET not in o for o in outputs)
+    assert [p for p in out.rglob("*") if p.is_file() and S3_SECRET.encode() in p.read_bytes()] == []
+    data = _mlflow().get_run(run_id).data
+    assert S3_SECRET not in json.dumps([data.params, data.tags])
+    client = s3.client()
+    keys = s3.keys(bucket, prefix + "/")
+    assert keys
+    for key in keys:
+        assert S3_SECRET.encode() not in client.get_object(Bucket=bucket, Key=key)["Body"].read(), key
 
 
 @pytest.fixture(scope="module")
@@ -174,11 +212,14 @@ def test_evaluate_names_an_unknown_registered_model(ray_cluster, tmp_path):
     assert "no-such-model" in result.output
 
 
-def _registered(storage: Path, name: str) -> bool:
-    """Whether Ray Train's controller has registered checkpoint `name` (not just its upload)."""
+def _registered(s3, bucket: str, run_prefix: str, name: str) -> bool:
+    """Whether Ray Train's controller has registered checkpoint `name` (not just its upload) in the
+    run's storage on S3."""
+    client = s3.client()
     try:
-        snapshot = json.loads((storage / "checkpoint_manager_snapshot.json").read_text())
-    except (OSError, ValueError):
+        body = client.get_object(Bucket=bucket, Key=f"{run_prefix}/checkpoint_manager_snapshot.json")["Body"]
+        snapshot = json.loads(body.read())
+    except (ValueError, client.exceptions.NoSuchKey):
         return False
     return any(c.get("checkpoint_dir_name") == name for c in snapshot.get("checkpoint_results", []))
 
@@ -196,16 +237,17 @@ def _train_worker_pids() -> list[int]:
     return pids
 
 
-def test_a_killed_worker_does_not_lose_the_run(ray_cluster, tmp_path):
-    """SIGKILL one training worker after its second checkpoint: the worker group restarts from the
-    newest checkpoint and the run ends with every epoch, each recorded once."""
-    spec = tiny_spec("ray-kill", tmp_path, optim={"epochs": 6}, checkpoint={"every": 1, "keep": 2, "max_failures": 2})
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster, "LEOCLR_PROGRESS": "0"}
+def test_a_killed_worker_does_not_lose_the_run(ray_cluster, s3, bucket, tmp_path):
+    """SIGKILL one training worker after its second checkpoint, with the checkpoints on S3: the
+    worker group restarts from the newest checkpoint there and the run ends with every epoch, each
+    recorded once; S3 holds the newest checkpoints, and the secret key shows nowhere."""
+    spec = tiny_spec("ray-kill", tmp_path, optim={"epochs": 6},
+                     checkpoint={"every": 1, "keep": 2, "max_failures": 2, "storage_path": f"s3://{bucket}/kill"})
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster, "LEOCLR_PROGRESS": "0"}  # with the S3 variables
     proc = subprocess.Popen([sys.executable, "-m", "leoclr_core.cli", "pretrain", str(_write(tmp_path, spec))],
                             env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    storage = Path(core_settings().ray_storage) / "ray-kill"
     deadline = time.monotonic() + 300
-    while not _registered(storage, "epoch-0002"):
+    while not _registered(s3, bucket, "kill/ray-kill", "epoch-0002"):
         assert proc.poll() is None, proc.stdout.read()[-3000:]
         assert time.monotonic() < deadline, "no second checkpoint within 300 s"
         time.sleep(0.5)
@@ -227,6 +269,11 @@ def test_a_killed_worker_does_not_lose_the_run(ray_cluster, tmp_path):
     assert epochs == [1, 2, 3, 4, 5, 6]
     history = _mlflow().get_metric_history(summary["mlflow_run_id"], "epoch/loss")
     assert {m.step for m in history} == {1, 2, 3, 4, 5, 6}
+    assert summary["storage"] == f"s3://{bucket}/kill/ray-kill"
+    assert _kept_checkpoints(s3, bucket, "kill/ray-kill") == ["epoch-0005", "epoch-0006"]  # checkpoint.keep = 2
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["checkpoint"] == f"s3://{bucket}/kill/ray-kill/epoch-0006"
+    _assert_no_secret(s3, bucket, "kill", summary["mlflow_run_id"], out, output)
 
 
 def test_a_diverged_run_fails_at_once_naming_the_step(ray_cluster, tmp_path, caplog):
@@ -249,7 +296,9 @@ def test_a_diverged_run_fails_at_once_naming_the_step(ray_cluster, tmp_path, cap
     assert mlflow.search_model_versions("name='ray-diverge-encoder'") == []
 
 
-def test_image_folder_streams_through_ray_data_and_counts_corrupt_files(ray_cluster, tmp_path):
+def test_image_folder_streams_through_ray_data_and_counts_corrupt_files(ray_cluster, s3, bucket, tmp_path):
+    """An image folder on S3: Ray Data reads the training split's files from there, and k-NN reads
+    the labelled hold-out and its memory bank from there too."""
     import numpy as np
     from PIL import Image
 
@@ -266,9 +315,10 @@ def test_image_folder_streams_through_ray_data_and_counts_corrupt_files(ray_clus
     good = (root / "class1" / "0.png").read_bytes()
     (root / "class1" / "truncated.png").write_bytes(good[: len(good) // 2])
     (root / "class2" / "empty.png").write_bytes(b"")
+    uri = upload(s3, bucket, root, "images")
     spec = parse_spec(tiny_spec(
         "ray-folder", tmp_path,
-        data={"source": "imagefolder", "path": str(root), "num_images": None, "num_test_images": 20, "image_size": 16},
+        data={"source": "imagefolder", "path": uri, "num_images": None, "num_test_images": 20, "image_size": 16},
         loss={"queue_size": 32}, optim={"epochs": 1, "batch_size": 32}, scaling={"num_workers": 1},
         eval={"knn_every": 0, "knn_k": 10}, register={"model_name": None}))
     run = run_pretrain(spec)
@@ -280,6 +330,9 @@ def test_image_folder_streams_through_ray_data_and_counts_corrupt_files(ray_clus
     history = _mlflow().get_metric_history(run.run_id, "skipped_files")
     assert history[-1].value == n_train_bad
     assert run.encoder is not None and run.encoder.version is None  # logged, not registered
+    # 103 training files less the bad ones, batch 32: 3 steps; k-NN on the 20 held-out files
+    assert run.state.final["step"] == 3 and 0 <= run.state.final["knn_top1"] <= 100
+    assert [m.step for m in _mlflow().get_metric_history(run.run_id, "knn_top1")] == [1]
 
 
 def test_workers_decode_an_image_folders_jpegs_when_asked(ray_cluster, tmp_path):
@@ -326,11 +379,13 @@ def _test_split_files(spec):
     return ImageFolder(d.path, "test", num_test=d.num_test_images, seed=d.seed).files
 
 
-@pytest.mark.parametrize("decode, steps", [("auto", 1), ("gpu", 2)])
-def test_parquet_rows_stream_through_ray_datas_reader(ray_cluster, tmp_path, decode, steps):
-    """An unlabelled, not pre-split Parquet file: Ray Data's Parquet reader feeds training, corrupt
-    rows are skipped and counted, and k-NN is skipped for want of a test split. With `decode: gpu`
-    the JPEG rows reach the worker as bytes and its decoder finds the broken scan."""
+@pytest.mark.parametrize("decode, steps, on_s3", [("auto", 1, False), ("gpu", 2, True)], ids=["auto", "gpu-s3"])
+def test_parquet_rows_stream_through_ray_datas_reader(ray_cluster, s3, bucket, tmp_path, decode, steps, on_s3):
+    """Ray Data's Parquet reader feeds training, corrupt rows are skipped and counted. A local,
+    unlabelled, not pre-split file: k-NN is skipped for want of a test split. On S3, pre-split
+    into labelled train/ and test/: only train/ streams (the same steps), and k-NN reads both
+    splits from there. With `decode: gpu` the JPEG rows reach the worker as bytes and its decoder
+    finds the broken scan."""
     import io
 
     import numpy as np
@@ -349,11 +404,21 @@ def test_parquet_rows_stream_through_ray_datas_reader(ray_cluster, tmp_path, dec
         rows.append(buf.getvalue())
     rows[5] = rows[5][:40]  # a truncated JPEG: Ray Data's task drops it either way
     rows[9] = rows[9][: rows[9].find(b"\xff\xda")] + b"\xff\xd9"  # headers whole, scan gone
-    pq.write_table(pa.table({"jpeg": rows}), tmp_path / "images.parquet")
+    if on_s3:
+        root = tmp_path / "pq"
+        (root / "train").mkdir(parents=True)
+        (root / "test").mkdir()
+        pq.write_table(pa.table({"jpeg": rows, "label": [i % 3 for i in range(65)]}), root / "train" / "0.parquet")
+        pq.write_table(pa.table({"jpeg": rows[10:30], "label": [i % 3 for i in range(20)]}),
+                       root / "test" / "0.parquet")
+        path, labels = upload(s3, bucket, root, "pq"), "label"
+    else:
+        pq.write_table(pa.table({"jpeg": rows}), tmp_path / "images.parquet")
+        path, labels = str(tmp_path / "images.parquet"), None
     spec = parse_spec(tiny_spec(
         f"ray-parquet-{decode}", tmp_path,
-        data={"source": "parquet", "path": str(tmp_path / "images.parquet"), "image_column": "jpeg",
-              "label_column": None, "num_images": None, "image_size": 16, "decode": decode},
+        data={"source": "parquet", "path": path, "image_column": "jpeg",
+              "label_column": labels, "num_images": None, "image_size": 16, "decode": decode},
         loss={"queue_size": 32}, optim={"epochs": 1, "batch_size": 32}, scaling={"num_workers": 1},
         register={"model_name": None}))
     run = run_pretrain(spec)
@@ -361,20 +426,26 @@ def test_parquet_rows_stream_through_ray_datas_reader(ray_cluster, tmp_path, dec
     # auto (no GPU): the task drops both broken rows, leaving 63 rows, one batch of 32. gpu: 64
     # rows stream, two batches, and the worker's decoder meets the broken scan in one of them.
     assert final["skipped_files"] == 2 and final["step"] == steps
-    assert "knn_top1" not in final
+    if on_s3:
+        assert 0 <= final["knn_top1"] <= 100
+    else:
+        assert "knn_top1" not in final
 
 
-def test_a_job_whose_driver_died_resumes_into_the_same_mlflow_run(ray_cluster, tmp_path):
-    """SIGKILL the driver (`leoclr pretrain`) after epoch 2's checkpoint; running the same spec again
-    resumes from that checkpoint (same name, same storage) and continues the same MLflow run."""
-    spec = tiny_spec("ray-driver-dies", tmp_path, optim={"epochs": 4})
+def test_a_job_whose_driver_died_resumes_into_the_same_mlflow_run(ray_cluster, s3, bucket, tmp_path):
+    """SIGKILL the driver (`leoclr pretrain`) after epoch 2's checkpoint, its storage on S3; running
+    the same spec again resumes from that checkpoint (same name, same storage) and continues the
+    same MLflow run."""
+    spec = tiny_spec("ray-driver-dies", tmp_path, optim={"epochs": 4},
+                     checkpoint={"storage_path": f"s3://{bucket}/driver"})
     path = _write(tmp_path, spec)
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster, "LEOCLR_PROGRESS": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "leoclr_core.cli", "pretrain", str(path)],
-                            env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    storage = Path(core_settings().ray_storage) / "ray-driver-dies"
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster, "LEOCLR_PROGRESS": "0"}  # with the S3 variables
+    first_log = tmp_path / "first-driver.log"
+    with open(first_log, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "leoclr_core.cli", "pretrain", str(path)],
+                                env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
-    while not _registered(storage, "epoch-0002"):
+    while not _registered(s3, bucket, "driver/ray-driver-dies", "epoch-0002"):
         assert proc.poll() is None and time.monotonic() < deadline, "the first driver ended or stalled"
         time.sleep(0.5)
     proc.kill()
@@ -391,3 +462,10 @@ def test_a_job_whose_driver_died_resumes_into_the_same_mlflow_run(ray_cluster, t
     assert {m.step for m in c.get_metric_history(run.info.run_id, "epoch/loss")} == {1, 2, 3, 4}
     records = [json.loads(x) for x in (Path(spec["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if r["type"] == "epoch"] == [1, 2, 3, 4]  # both drivers' records
+    # resumed from S3, not from scratch: epochs 1 and 2 were trained (and logged) once
+    steps = [m.step for m in c.get_metric_history(run.info.run_id, "epoch/loss")]
+    assert steps.count(1) == 1 and steps.count(2) == 1, steps
+    assert summary["storage"] == f"s3://{bucket}/driver/ray-driver-dies"
+    assert _kept_checkpoints(s3, bucket, "driver/ray-driver-dies") == ["epoch-0003", "epoch-0004"]
+    _assert_no_secret(s3, bucket, "driver", first.info.run_id, Path(spec["output_dir"]), first_log.read_text(),
+                      result.output)
