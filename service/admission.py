@@ -52,11 +52,14 @@ def _explain(spec: Any, resource: str) -> str:
 
 
 class Admission:
-    """`ready`: False while something every job's driver relies on is still being prepared (the
-    tracking store's schema): jobs wait `queued` until it is True."""
+    """`ready`: True when jobs may start; False while something every job's driver relies on is
+    still being prepared (the tracking store's schema); or a sentence saying why they cannot start
+    now (the tracking server does not answer), which each waiting job's error then says. Jobs wait
+    `queued` until it is True."""
 
     def __init__(self, runner: Runner, max_running: int | None = None,
-                 max_resources: dict[str, float] | None = None, ready: Callable[[], bool] = lambda: True):
+                 max_resources: dict[str, float] | None = None,
+                 ready: Callable[[], bool | str] = lambda: True):
         self.runner, self.max_running, self.max_resources, self.ready = runner, max_running, max_resources, ready
         self.lock = threading.Lock()  # the route and the reconcile loop both admit: one at a time
         self._capacity: tuple[float, dict[str, float] | None] = (-CAPACITY_TTL_S, None)
@@ -106,8 +109,11 @@ class Admission:
             jobs = store.unfinished()
             handed = [j for j in jobs if j.submission_id]
             waiting = sorted((j for j in jobs if not j.submission_id), key=lambda j: (_aware(j.created_at), j.id))
-            if not waiting or not self.ready():
+            if not waiting:
                 return []
+            ready = self.ready()
+            if ready is not True:
+                return _waiting(store, waiting, ready) if isinstance(ready, str) else []
             capacity = self.capacity()
             if capacity is None:
                 return []
@@ -158,6 +164,12 @@ class Admission:
             return store.update(job.id, error=f"submission to Ray pending (will retry): {exc}")
         self._refused_since.pop(job.id, None)
         return store.update(job.id, submission_id=submission_id, error=None)
+
+
+def _waiting(store: JobStore, jobs: list[Job], reason: str) -> list[Job]:
+    """Every waiting job's error says why none can start (cleared when one is handed over)."""
+    error = f"waiting: {reason}"
+    return [store.update(job.id, error=error) for job in jobs if job.error != error]
 
 
 def _fail(store: JobStore, job: Job, error: str) -> Job:

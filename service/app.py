@@ -49,13 +49,14 @@ def create_app(settings: ServiceSettings | None = None, runner: Runner | None = 
         metrics.register(JobsCollector(state.store))
         reconciler = None
         if runner is not None:
-            state.admission = Admission(runner, s.max_running_jobs, s.max_resources, ready=state.tracking.store_ready)
+            state.admission = Admission(runner, s.max_running_jobs, s.max_resources, ready=state.tracking.jobs_may_start)
             reconciler = Reconciler(state.store, runner, reconcile_interval, state.admission, s.ray_lost_after_s,
                                     state.health, state.tracking.result)
             reconciler.start()
         yield
         if reconciler is not None:
             reconciler.stop()
+        state.store.close()  # a server's pooled connections go back now, not when the process ends
 
     app = FastAPI(title="LeOCLR training service", version="0.1.0", lifespan=lifespan)
     for router in (health.router, jobs.router, models.router):

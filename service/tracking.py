@@ -16,9 +16,13 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
 
 from leoclr_core import contract
 from leoclr_core.settings import prepare_sqlite
@@ -43,6 +47,10 @@ class Unavailable(RuntimeError):
 # API process reads with these instead (MLflow reads them from the environment on each request), unless
 # they were set explicitly.
 API_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+# A search's metric (TuneSpec.metric, what Tune ranks by) -> its key in a trial's MLflow run.
+RUN_METRIC = {"loss": contract.M_EPOCH_LOSS, "knn_top1": contract.M_KNN}
+# How often, and how patiently, the admission gate asks a tracking server whether it answers.
+SERVER_CHECK_S, SERVER_CHECK_TIMEOUT_S = 2.0, 3.0
 
 
 @contextmanager
@@ -71,6 +79,8 @@ class Tracking:
         if tracking_uri.startswith(("http://", "https://")):
             for k, v in API_HTTP_ENV.items():
                 os.environ.setdefault(k, v)
+            # a progress bar per result downloaded through the server, in the service's log
+            os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         self.uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         self._runs: dict[str, str] = {}  # job id -> run id, found once
@@ -124,6 +134,7 @@ class Tracking:
         failed, and the best so far by the search's metric."""
         metric = spec.get("metric", "knn_top1")
         mode = spec.get("mode") or ("max" if metric == "knn_top1" else "min")
+        key = RUN_METRIC.get(metric, metric)
         children = self.client.search_runs(
             [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
             max_results=1000)
@@ -138,7 +149,7 @@ class Tracking:
                 counts["running"] += 1
             else:
                 counts["failed"] += 1
-            value = r.data.metrics.get(metric)
+            value = r.data.metrics.get(key)
             if value is not None and (best is None or (value > best["value"] if mode == "max" else value < best["value"])):
                 best = {"trial": r.data.tags.get(contract.TAG_TRIAL), "metric": metric, "value": value,
                         "mlflow_run_id": r.info.run_id,
@@ -230,6 +241,15 @@ class Tracking:
         return self.model(name)
 
 
+def shown_uri(uri: str) -> str:
+    """`uri` without the user and password it may carry (https://user:secret@host): fit for errors and logs."""
+    parts = urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    return urlunsplit(parts._replace(netloc=f"***@{host}" + (f":{parts.port}" if parts.port else "")))
+
+
 def _quote(value: str) -> str:
     return value.replace("'", "\\'")
 
@@ -241,6 +261,7 @@ class LazyTracking:
         self.uri, self._tracking, self._lock = tracking_uri, made, threading.Lock()
         self._store_ready = threading.Event()
         self._preparing = False
+        self._server_check: tuple[float, bool | str] = (-SERVER_CHECK_S, True)  # (when, answer)
 
     def store_ready(self) -> bool:
         """Whether jobs may start: a tracking database (SQLite, PostgreSQL) has its schema. Its first
@@ -256,6 +277,35 @@ class LazyTracking:
                 self._preparing = True
                 threading.Thread(target=self._prepare_store, name="tracking-store", daemon=True).start()
         return False
+
+    def jobs_may_start(self) -> bool | str:
+        """What the admission gate asks before it hands jobs to Ray: True; False while the tracking
+        database's schema is being prepared (store_ready); or, when the tracking server does not
+        answer, why, for the waiting jobs' error. A driver started then could log nothing, and its job
+        would fail once MLflow's retries ran out; so the job waits `queued`, kept in the store and
+        saying why, and starts once the server answers (asked at most every SERVER_CHECK_S)."""
+        if not self.store_ready():
+            return False
+        if not self.uri.startswith(("http://", "https://")):
+            return True
+        with self._lock:
+            checked, answer = self._server_check
+        if time.monotonic() - checked < SERVER_CHECK_S:
+            return answer
+        answer = self._server_answer()
+        with self._lock:
+            self._server_check = (time.monotonic(), answer)
+        return answer
+
+    def _server_answer(self) -> bool | str:
+        where = f"the MLflow tracking server at {shown_uri(self.uri)}"
+        try:  # MLflow's own probe, open without credentials; an auth proxy's 401/403 is still an answer
+            status = httpx.get(f"{self.uri.rstrip('/')}/health", timeout=SERVER_CHECK_TIMEOUT_S).status_code
+        except httpx.HTTPError as exc:
+            return f"{where} does not answer ({type(exc).__name__}: {exc}); jobs start when it does"
+        if status >= 500:
+            return f"{where} answers HTTP {status} to /health; jobs start when it is healthy"
+        return True
 
     def _prepare_store(self) -> None:
         try:

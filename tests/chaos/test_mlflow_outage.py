@@ -1,23 +1,23 @@
-"""The MLflow tracking server made unreachable (its process group SIGKILLed) mid-job, then started
-again on the same port and database: while it is down the API keeps answering for the job within a
-bound, saying in `tracking_error` that MLflow is unreachable, and the job keeps training (a tracking
-outage does not kill a run: its driver logs what it cannot send and carries on, each MLflow call
-bounded by the retries and timeout the service gives drivers); once the server is back the job
-finishes `succeeded`, its encoder registered, and the job store has lost nothing."""
+"""The MLflow tracking server (PostgreSQL backend, proxied artifacts, as a team runs it) made
+unreachable (its process group SIGKILLed) mid-job, then started again on the same port and
+database: while it is down the API keeps answering for the job within a bound, saying in
+`tracking_error` that MLflow is unreachable, and the job keeps training (a tracking outage does not
+kill a run: its driver logs what it cannot send and carries on, each MLflow call bounded by the
+retries and timeout the service gives drivers); once the server is back the job finishes
+`succeeded`, its encoder registered, and the job store has lost nothing."""
 
 from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-from .conftest import MARK, clean_env, free_ports, tail, tiny_job
+from tests.backends import start_mlflow
+
+from .conftest import tiny_job
 
 pytestmark = [pytest.mark.chaos, pytest.mark.ray, pytest.mark.timeout(1200)]
 
@@ -26,33 +26,16 @@ OUTAGE_S = 25  # how long the server stays down
 END_BOUND_S = 400  # the job must have ended this long after the server came back (a hang guard)
 
 
-def start_mlflow(root: Path, mark: str, port: int | None = None) -> tuple[subprocess.Popen, str]:
-    """`mlflow server` on SQLite with proxied artifacts, as a team runs it, in its own process group."""
-    port = port or free_ports()[0]
-    mlflow = str(Path(sys.executable).with_name("mlflow"))
-    with open(root / "mlflow.log", "ab") as log:
-        proc = subprocess.Popen(
-            [mlflow, "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--serve-artifacts",
-             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-             "--workers", "1"],
-            env=clean_env(**{MARK: mark}), cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, tail(root / "mlflow.log")
-        time.sleep(0.5)
+@pytest.fixture
+def mlflow_server(postgres):
+    server = start_mlflow(postgres.database("mlflow"))
+    yield server
+    server.stop()
 
 
-def test_an_mlflow_outage_mid_job_is_reported_and_survived(make_service, mark, tmp_path, figures):
-    root = tmp_path / "mlflow-server"
-    root.mkdir()
-    server, uri = start_mlflow(root, mark)
-    svc = make_service(2, MLFLOW_TRACKING_URI=uri)
+def test_an_mlflow_outage_mid_job_is_reported_and_survived(make_service, mlflow_server, figures):
+    server = mlflow_server
+    svc = make_service(2, MLFLOW_TRACKING_URI=server.url)
     # Long enough to outlast the outage (an epoch is well under a second here until MLflow goes away);
     # registered, so that the end shows the run's final writes reached the server that came back.
     spec = {**tiny_job("chaos-mlflow-outage", epochs=60), "register": {"model_name": "chaos-outage"}}
@@ -64,8 +47,8 @@ def test_an_mlflow_outage_mid_job_is_reported_and_survived(make_service, mark, t
         return job if job["status"] == "running" and (job.get("progress") or {}).get("step") else None
 
     svc.until(training, 240, "the job to run and log its first steps to the MLflow server")
-    os.killpg(server.pid, signal.SIGKILL)
-    server.wait()
+    os.killpg(server.proc.pid, signal.SIGKILL)  # the web workers and job consumers with it
+    server.proc.wait()
     killed = time.monotonic()
 
     reported_at = None
@@ -96,7 +79,7 @@ def test_an_mlflow_outage_mid_job_is_reported_and_survived(make_service, mark, t
         time.sleep(1)
     assert reported_at is not None, f"no read of the job said MLflow was unreachable: {job}"
 
-    server, _ = start_mlflow(root, mark, port=int(uri.rsplit(":", 1)[1]))
+    server.start()  # the same port and database
     back = time.monotonic()
     while job.get("status") not in ("succeeded", "failed", "cancelled", "lost"):
         if time.monotonic() - back > END_BOUND_S:

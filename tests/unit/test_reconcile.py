@@ -1,5 +1,5 @@
-"""The reconcile loop and the admission gate, over a real job store (SQLite) and a stand-in for Ray
-Jobs whose cluster size, reachability and memory of jobs the tests set."""
+"""The reconcile loop and the admission gate, over a real job store (SQLite and PostgreSQL) and a
+stand-in for Ray Jobs whose cluster size, reachability and memory of jobs the tests set."""
 
 from __future__ import annotations
 
@@ -64,8 +64,10 @@ class Cluster:
 
 
 @pytest.fixture()
-def store(tmp_path):
-    return JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+def store(job_database):
+    store = JobStore(job_database)
+    yield store
+    store.close()
 
 
 def add(store, n, spec=TINY):
@@ -232,9 +234,8 @@ def test_a_head_with_no_node_registered_yet_refuses_nothing_and_admits_nothing(s
     assert store.get(job.id).status == "queued"
 
 
-def test_reconcile_follows_ray_to_the_end_and_keeps_the_result(tmp_path):
+def test_reconcile_follows_ray_to_the_end_and_keeps_the_result(tmp_path, store):
     uri, ml = mlflow_store(tmp_path)
-    store = JobStore(f"sqlite:///{tmp_path}/jobs.db")
     runner = FakeRunner()
     job, _ = store.create("pretrain", "r", SPEC)
     store.update(job.id, submission_id=runner.submit(job.id, SPEC))
@@ -261,3 +262,21 @@ def test_a_job_that_ends_while_mlflow_is_down_is_recorded_finished_without_a_res
     reconcile_once(store, ray, Admission(ray), read_result=mlflow_down)
     got = store.get(job.id)
     assert got.status == "succeeded" and got.result is None  # GET /v1/jobs/{id} reads it again later
+
+
+def test_jobs_wait_queued_saying_why_while_the_tracking_server_does_not_answer(store):
+    ray, why = Cluster(cpus=64), "the MLflow tracking server at http://127.0.0.1:9 does not answer"
+    answer: str | bool = why
+    gate = Admission(ray, ready=lambda: answer)
+    jobs = add(store, 2)
+    reconcile_once(store, ray, gate)
+    assert statuses(store, jobs) == ["queued", "queued"] and ray.order == []
+    assert {store.get(j.id).error for j in jobs} == {f"waiting: {why}"}
+    answer = True
+    reconcile_once(store, ray, gate)
+    assert statuses(store, jobs) == ["running", "running"] and {store.get(j.id).error for j in jobs} == {None}
+
+
+def test_a_tracking_server_that_does_not_answer_is_named_without_its_password():
+    why = LazyTracking("http://user:pw@127.0.0.1:9").jobs_may_start()
+    assert isinstance(why, str) and "http://***@127.0.0.1:9" in why and "pw" not in why, why
