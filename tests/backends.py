@@ -23,7 +23,15 @@ from pathlib import Path
 
 import httpx
 
-PG_BIN = Path(os.environ.get("LEOCLR_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
+def _pg_bin() -> Path:
+    """LEOCLR_TEST_PG_BIN, else the newest of Debian's /usr/lib/postgresql/<version>/bin."""
+    if os.environ.get("LEOCLR_TEST_PG_BIN"):
+        return Path(os.environ["LEOCLR_TEST_PG_BIN"])
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0)
+    return found[-1].parent if found else Path("/usr/lib/postgresql/15/bin")
+
+
+PG_BIN = _pg_bin()
 S3_KEY_ID = "leoclr-test-key"
 # The secret the tests grep for in logs, job records, MLflow params and API answers: it must never appear.
 S3_SECRET = "leoclr-test-secret-7f3a9c"
@@ -126,8 +134,8 @@ def _as_postgres_user() -> list[str]:
 
 
 def start_postgres() -> tuple[PostgresServer, callable]:
-    """(server, stop). Needs PostgreSQL's server programs (initdb, pg_ctl) in LEOCLR_TEST_PG_BIN
-    (default /usr/lib/postgresql/15/bin)."""
+    """(server, stop). Needs PostgreSQL's server programs (initdb, pg_ctl) in LEOCLR_TEST_PG_BIN,
+    Debian's /usr/lib/postgresql/<version>/bin, or on PATH."""
     initdb, pg_ctl = PG_BIN / "initdb", PG_BIN / "pg_ctl"
     if not initdb.exists():
         found = shutil.which("initdb")
