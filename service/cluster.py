@@ -74,6 +74,10 @@ def _ray_env() -> dict[str, str]:
     # The API process reads MLflow with short timeouts (service/tracking.py); a head it restarts must
     # not pass them on to training drivers, which get their own through the runner.
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP_REQUEST_")}
+    # On SIGTERM a `ray start --block` node drains for up to 30 s so that Ray Serve replicas can move
+    # (none here): with a finished job's Ray Data actors still leased, every stop of the service
+    # waited the full 30 s. The embedded head stops with the service; there is nothing to drain to.
+    env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
     return contract.ray_environment(env)
 
 

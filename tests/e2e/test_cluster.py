@@ -41,7 +41,9 @@ def cluster(tmp_path_factory):
     # The nodes run `leoclr run-job` for the API, from their PATH (an image's, an activated venv's).
     # Every process of the cluster gets the token in RAY_AUTH_TOKEN, as deploy/ does: `ray start`
     # makes none, and on a fresh machine there is no ~/.ray/auth_token to fall back on.
+    # No drain on SIGTERM (30 s by default, for Ray Serve replicas): the cluster is stopped with the test.
     env = clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
+                    RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
                     PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     procs = []
 
