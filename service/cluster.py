@@ -56,12 +56,26 @@ class EmbeddedHead:
             return
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
-                os.kill(self.pid, 0)
-            except OSError:
+            if not _running(self.pid):
                 return
             time.sleep(0.2)
         os.killpg(self.pid, signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` still runs. A head this process started stays a zombie, to which signal 0 still
+    answers, until it is reaped: reap it here (else every stop waited out its whole timeout)."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    except ChildProcessError:  # not our child: a head found running, started by another process
+        pass
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
 
 
 def free_port() -> int:

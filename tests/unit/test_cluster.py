@@ -3,6 +3,7 @@ log included), the token it authenticates with, and the environment it starts in
 
 from __future__ import annotations
 
+import os
 import shutil
 import stat
 import sys
@@ -57,3 +58,27 @@ def test_the_embedded_head_starts_in_rays_one_environment_without_the_apis_mlflo
     env = _ray_env()
     assert {k: env[k] for k in contract.RAY_ENV} == contract.RAY_ENV
     assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in env
+
+
+def test_stopping_a_head_this_process_started_returns_once_it_exits_not_at_the_timeout():
+    """A stopped child stays a zombie until reaped, and signal 0 still reaches a zombie: a stop that
+    only asked the pid waited its whole timeout every time (30 s of every `leoclr serve` stop)."""
+    import subprocess
+    import time
+
+    from service.cluster import EmbeddedHead
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+    head = EmbeddedHead(proc.pid, "127.0.0.1:1", "http://127.0.0.1:1")
+    began = time.monotonic()
+    head.stop(timeout=20)
+    assert time.monotonic() - began < 10
+    assert _reaped(proc.pid)  # gone, not left a zombie
+
+
+def _reaped(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return True
+    return False
