@@ -147,12 +147,24 @@ def _metric_key(name: str) -> str:
     return name.replace("%", "pct")
 
 
-def log_metrics(c: MlflowClient, run_id: str, values: dict[str, Any], step: int, prefix: str = "") -> None:
+def metrics_of(values: dict[str, Any], step: int, prefix: str = "") -> list[Metric]:
     now = int(time.time() * 1000)
-    metrics = [Metric(_metric_key(f"{prefix}{k}"), float(v), now, int(step))
-               for k, v in contract.numbers(values).items()]
+    return [Metric(_metric_key(f"{prefix}{k}"), float(v), now, int(step)) for k, v in contract.numbers(values).items()]
+
+
+def log_metrics(c: MlflowClient, run_id: str, values: dict[str, Any], step: int, prefix: str = "") -> None:
+    metrics = metrics_of(values, step, prefix)
     if metrics:
         c.log_batch(run_id, metrics=metrics)
+
+
+# Answers that refuse a request (it would be refused again): anything else is the store being away.
+_REFUSALS = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST", "INVALID_STATE",
+             "PERMISSION_DENIED", "UNAUTHENTICATED"}
+
+
+def _refused(exc: Exception) -> bool:
+    return isinstance(exc, mlflow.exceptions.MlflowException) and exc.error_code in _REFUSALS
 
 
 class MlflowCallbacks(Callbacks):
@@ -160,25 +172,73 @@ class MlflowCallbacks(Callbacks):
 
     STEP_KEYS = ("loss", "lr", "momentum", "instances_per_s")
     EPOCH_SKIP = ("type", "epoch", "step")
+    # A tracking hiccup (a locked SQLite file, a restarting server) must not kill a training run, nor
+    # hold it up: with a server away every call waits out the client's retries and timeouts (tens of
+    # seconds with the service's settings), and a run logs several a second. So after a failed call
+    # the calls of the next PAUSE_S seconds are not made: metrics wait in memory and go with the first
+    # call after the pause that reaches the store, the run's history whole; a checkpoint upload in a
+    # pause is skipped (the next one replaces it, and Ray Train's storage has them all).
+    PAUSE_S = 10.0
+    MAX_PENDING = 100_000  # metrics kept through an outage (a few MB); past it the oldest are dropped
+    BATCH = 1000  # MLflow's limit of metrics per log_batch
 
     def __init__(self, run_id: str, *, log_checkpoints: bool = True, settings: CoreSettings | None = None):
         self.client, self.run_id, self.log_checkpoints = client(settings), run_id, log_checkpoints
         self.total = self.epochs = self.first_step = 0
         self.started = time.monotonic()
+        self.pending: list[Metric] = []
+        self.paused_until = 0.0
+        self.dropped = 0
+
+    def _failed(self, what: str, exc: Exception) -> None:
+        if _refused(exc):  # sent again it would be refused again: logged, not kept, no pause
+            log.warning("MLflow refused %s for run %s: %s", what, self.run_id, exc)
+            return
+        self.paused_until = time.monotonic() + self.PAUSE_S
+        log.warning("MLflow %s failed for run %s: %s; tracking calls paused for %.0f s, metrics kept (%d waiting)",
+                    what, self.run_id, exc, self.PAUSE_S, len(self.pending))
+
+    def _paused(self, what: str) -> bool:
+        if time.monotonic() < self.paused_until:
+            log.debug("MLflow %s for run %s held: the store failed less than %.0f s ago", what, self.run_id,
+                      self.PAUSE_S)
+            return True
+        return False
 
     def _safe(self, what: str, fn, *args) -> None:
-        # A tracking hiccup (a locked SQLite file, a restarting server) must not kill a training run.
+        if self._paused(what):
+            return
         try:
             fn(*args)
         except Exception as exc:  # noqa: BLE001 - logged and survived on purpose
-            log.warning("MLflow %s failed for run %s: %s", what, self.run_id, exc)
+            self._failed(what, exc)
+
+    def _log(self, what: str, values: dict[str, Any], step: int, prefix: str = "", *, force: bool = False) -> None:
+        self.pending += metrics_of(values, step, prefix)
+        if len(self.pending) > self.MAX_PENDING:
+            over = len(self.pending) - self.MAX_PENDING
+            self.dropped += over
+            del self.pending[:over]
+            log.warning("MLflow away for run %s: %d of its oldest metrics dropped", self.run_id, self.dropped)
+        if not force and self._paused(what):
+            return
+        while self.pending:
+            batch = self.pending[:self.BATCH]
+            try:
+                self.client.log_batch(self.run_id, metrics=batch)
+            except Exception as exc:  # noqa: BLE001 - logged and survived on purpose
+                if _refused(exc):
+                    del self.pending[:len(batch)]
+                self._failed(what, exc)
+                return
+            del self.pending[:len(batch)]
 
     def on_start(self, state: RunState) -> None:
         self.epochs, self.total = state.epochs, state.epochs * state.steps_per_epoch
         self.first_step, self.started = state.start_epoch * state.steps_per_epoch, time.monotonic()
         progress = {contract.M_TOTAL: self.total, contract.M_EPOCHS: self.epochs, contract.M_STEP: self.first_step,
                     contract.M_EPOCH: state.start_epoch}
-        self._safe("progress", log_metrics, self.client, self.run_id, progress, self.first_step)
+        self._log("progress", progress, self.first_step)
 
     def _progress(self, step: int, epoch: int) -> dict[str, float]:
         values = {contract.M_STEP: step, contract.M_EPOCH: epoch}
@@ -191,17 +251,14 @@ class MlflowCallbacks(Callbacks):
         step = record["step"]
         values = {f"{contract.TRAIN_PREFIX}{k}": record[k] for k in self.STEP_KEYS if k in record}
         values.update(self._progress(step, record.get("epoch", 0)))
-        self._safe("step metrics", log_metrics, self.client, self.run_id, values, step)
+        self._log("step metrics", values, step)
 
     def on_epoch(self, record: dict[str, Any], state: RunState) -> None:
         values = {k: v for k, v in record.items() if k not in self.EPOCH_SKIP}
         top = {k: values.pop(k) for k in list(values) if k.startswith(("knn", "linear")) or k == "skipped_files"}
-        self._safe("epoch metrics", log_metrics, self.client, self.run_id, values, record["epoch"],
-                   contract.EPOCH_PREFIX)
-        self._safe("eval metrics", log_metrics, self.client, self.run_id, top, record["epoch"])
+        self.pending += metrics_of(values, record["epoch"], contract.EPOCH_PREFIX) + metrics_of(top, record["epoch"])
         # An epoch shorter than a log window has no step record: progress moves here too.
-        self._safe("progress", log_metrics, self.client, self.run_id, self._progress(record["step"], record["epoch"]),
-                   record["step"])
+        self._log("epoch metrics", self._progress(record["step"], record["epoch"]), record["step"])
 
     def on_checkpoint(self, path: Path, epoch: int) -> None:
         """The newest checkpoint, overwritten in place: the run's artifacts stay the size of one
@@ -210,6 +267,11 @@ class MlflowCallbacks(Callbacks):
             self._safe("checkpoint upload", self.client.log_artifact, self.run_id, str(path), "checkpoints/latest")
             self._safe("checkpoint tag", self.client.set_tag, self.run_id, contract.TAG_CHECKPOINT_EPOCH,
                        str(epoch))
+
+    def on_end(self, state: RunState) -> None:
+        """The metrics an outage held back, sent now whatever the pause: the run is about to close."""
+        if self.pending:
+            self._log("held-back metrics", {}, 0, force=True)
 
 
 @dataclass

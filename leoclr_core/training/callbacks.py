@@ -21,12 +21,14 @@ class RunState:
 
 class Callbacks:
     """Hooks for progress displays and trackers; every method is optional. `on_checkpoint` sees
-    each checkpoint file rank 0 writes, while it exists (on Ray, before it is reported)."""
+    each checkpoint file rank 0 writes, while it exists (on Ray, before it is reported); `on_end`
+    comes once the last epoch is done (not when training raised)."""
 
     def on_start(self, state: RunState) -> None: ...
     def on_log(self, record: dict[str, Any]) -> None: ...
     def on_epoch(self, record: dict[str, Any], state: RunState) -> None: ...
     def on_checkpoint(self, path: Path, epoch: int) -> None: ...
+    def on_end(self, state: RunState) -> None: ...
 
 
 class AllCallbacks(Callbacks):
@@ -48,3 +50,7 @@ class AllCallbacks(Callbacks):
     def on_checkpoint(self, path: Path, epoch: int) -> None:
         for c in self.callbacks:
             c.on_checkpoint(path, epoch)
+
+    def on_end(self, state: RunState) -> None:
+        for c in self.callbacks:
+            c.on_end(state)

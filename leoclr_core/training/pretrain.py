@@ -183,6 +183,7 @@ def pretrain(
 
     if main:
         state.final = state.history[-1] if state.history else state.final
+    cb.on_end(state)
     if folder is not None:
         folder.write_encoder(method.query_encoder.backbone, spec, state.final)
         folder.write_summary(spec, state.final)

@@ -1,10 +1,11 @@
 """The MLflow tracking server (PostgreSQL backend, proxied artifacts, as a team runs it) made
 unreachable (its process group SIGKILLed) mid-job, then started again on the same port and
 database: while it is down the API keeps answering for the job within a bound, saying in
-`tracking_error` that MLflow is unreachable, and the job keeps training (a tracking outage does not
-kill a run: its driver logs what it cannot send and carries on, each MLflow call bounded by the
-retries and timeout the service gives drivers); once the server is back the job finishes
-`succeeded`, its encoder registered, and the job store has lost nothing."""
+`tracking_error` that MLflow is unreachable, and the job keeps training (a tracking outage neither
+kills nor stalls a run: each MLflow call is bounded by the retries and timeout the service gives
+drivers, and after a failed one the run's calls pause, its metrics kept for the server's return);
+once the server is back the job finishes `succeeded`, its encoder registered, and the job store has
+lost nothing."""
 
 from __future__ import annotations
 
@@ -36,8 +37,9 @@ def mlflow_server(postgres):
 def test_an_mlflow_outage_mid_job_is_reported_and_survived(make_service, mlflow_server, figures):
     server = mlflow_server
     svc = make_service(2, MLFLOW_TRACKING_URI=server.url)
-    # Long enough to outlast the outage (an epoch is well under a second here until MLflow goes away);
-    # registered, so that the end shows the run's final writes reached the server that came back.
+    # Long enough to outlast the outage: an epoch is well under a second here, and training goes on
+    # while MLflow is down (held up only by a failed call every pause, about 15 s with the drivers'
+    # retries); registered, so that the end shows the run's final writes reached the server that came back.
     spec = {**tiny_job("chaos-mlflow-outage", epochs=60), "register": {"model_name": "chaos-outage"}}
     job_id = svc.submit(spec)["id"]
 

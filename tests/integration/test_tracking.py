@@ -3,6 +3,8 @@ the logged encoder and the registry."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from leoclr_core.nn.model import build_backbone
 from leoclr_core.settings import CoreSettings
 from leoclr_core.spec.models import parse_spec
 from leoclr_core.training.callbacks import RunState
+from tests.backends import start_mlflow
 
 from .conftest import tiny_spec
 
@@ -67,6 +70,59 @@ def test_callbacks_log_step_and_epoch_metrics_and_survive_a_broken_store(setting
     assert c.get_metric_history(run_id, "skipped_files")[0].value == 2
     cb.run_id = "no-such-run"  # a tracking failure is logged, never raised into the training loop
     cb.on_log({"type": "step", "epoch": 1, "step": 20, "loss": 4.0})
+    # A refused request is dropped, not kept for later, and pauses nothing: the next call is made.
+    cb.run_id = run_id
+    cb.on_log({"type": "step", "epoch": 1, "step": 30, "loss": 3.0})
+    assert [m.step for m in c.get_metric_history(run_id, "train/loss")] == [10, 30] and not cb.pending
+
+
+def _step(n: int) -> dict:
+    return {"type": "step", "epoch": 1 + (n - 1) // 4, "step": n, "loss": 10.0 - n, "lr": 0.06}
+
+
+def test_metrics_logged_while_the_server_is_away_reach_it_once_it_is_back(tmp_path, monkeypatch):
+    """A tracking server gone mid-run: the call that fails pauses the ones after it, so training does
+    not wait out the client's retries on each; what was logged meanwhile goes with the first call
+    after the pause that reaches the server, and the run's history has no hole."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    server = start_mlflow(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    # mlflow.set_tracking_uri (tracking.client) exports the URI: put back for the tests after this one
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    try:
+        settings = CoreSettings(data_dir=tmp_path / "data", mlflow_tracking_uri=server.url)
+        run_id = tracking.start_job_run(parse_spec(tiny_spec("outage", tmp_path)), "/s/outage", settings=settings)
+        cb = tracking.MlflowCallbacks(run_id, settings=settings)
+        cb.PAUSE_S = 1.0
+        calls: list[int] = []  # the real client, its calls counted
+        send = cb.client.log_batch
+        cb.client.log_batch = lambda *a, **k: (calls.append(1), send(*a, **k))[1]  # type: ignore[method-assign]
+        state = RunState(out_dir=tmp_path, epochs=2, steps_per_epoch=4)
+        cb.on_start(state)
+        cb.on_log(_step(1))
+        server.stop()
+        cb.on_log(_step(2))  # refused connection: the pause begins
+        made = len(calls)
+        cb.on_log(_step(3))
+        cb.on_epoch({"type": "epoch", "epoch": 1, "step": 4, "loss": 6.5}, state)
+        assert len(calls) == made and cb.pending, "a call was made to a server that had just failed"
+
+        server.start()
+        time.sleep(cb.PAUSE_S)
+        cb.on_log(_step(5))
+        c = tracking.client(settings)
+        assert [(m.step, m.value) for m in c.get_metric_history(run_id, "train/loss")] == \
+            [(n, 10.0 - n) for n in (1, 2, 3, 5)]
+        assert [(m.step, m.value) for m in c.get_metric_history(run_id, "epoch/loss")] == [(1, 6.5)]
+        assert not cb.pending
+
+        # Held back at the end of training (a pause still running): sent as the run closes.
+        cb.paused_until = time.monotonic() + 60
+        cb.on_log(_step(6))
+        assert len(c.get_metric_history(run_id, "train/loss")) == 4
+        cb.on_end(state)
+        assert [m.step for m in c.get_metric_history(run_id, "train/loss")] == [1, 2, 3, 5, 6]
+    finally:
+        server.stop()
 
 
 def test_logged_encoder_round_trips_through_the_registry(settings, tmp_path):
