@@ -20,7 +20,7 @@ run: $(STAMP)
 	$(VENV)/bin/leoclr submit configs/demo.yaml --serve
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not chaos" --durations=25
+	$(PY) -m pytest -q -m "not chaos and not deploy" --durations=25
 
 # The chaos tier (docs/reliability.md): the API, the Ray head and the MLflow server killed mid-job, a
 # burst of 20 jobs. -s: each scenario prints its figures (time to detect, to recover, jobs accepted
