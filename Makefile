@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test test-chaos experiment bench bench-ray bench-api bench-peers clean
+.PHONY: install run test test-chaos test-deploy image experiment bench bench-ray bench-api bench-peers clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,10 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/leoclr submit configs/demo.yaml --serve
 
+# Two pytest workers: every test that starts Ray or a service on one, in file order (tests/conftest.py),
+# the unit tests on the other while those wait on their processes.
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not chaos and not deploy" --durations=25
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not chaos and not deploy" --durations=25
 
 # The chaos tier (docs/reliability.md): the API, the Ray head and the MLflow server killed mid-job, a
 # burst of 20 jobs. -s: each scenario prints its figures (time to detect, to recover, jobs accepted
@@ -29,6 +31,16 @@ test: $(STAMP)
 # starts real servers on 2 shared cores; one failed once for a reason not yet found, see the doc).
 test-chaos: $(STAMP)
 	$(PY) -m pytest -q -s -m chaos --reruns 1 tests/chaos
+
+# The container tier (deploy/README.md): a Docker daemon of its own (or LEOCLR_TEST_DOCKER_HOST's), the
+# CPU image built once, every role it claims run in it, the compose stack with a demo job through it.
+test-deploy: $(STAMP)
+	$(PY) -m pytest -q -m deploy tests/deploy --durations=10
+
+# The CPU image (leoclr:0.1.0) through the Docker daemon at DOCKER_HOST; where no registry answers it
+# builds on a Debian stand-in base (docker/build.sh says how).
+image:
+	docker/build.sh
 
 experiment: $(STAMP)
 	$(VENV)/bin/leoclr experiment crop-semantics
