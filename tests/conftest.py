@@ -1,7 +1,23 @@
 """Every test runs against its own data directory: no test reads or writes ~/.leoclr, a user's
 MLflow server or a user's Ray cluster."""
 
+from pathlib import Path
+
 import pytest
+
+ALONGSIDE = ("unit", "deploy")  # test folders whose tests start no cluster and no service
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under `pytest -n 2 --dist loadgroup` (make test), every test that starts Ray or a service runs
+    on one worker, in file order, as in a plain run (module-scoped clusters stay shared, no two
+    clusters compete): those tests leave much of a 2-core machine idle while they wait on processes,
+    and the unit tests run on the other worker meanwhile. Without xdist the mark does nothing."""
+    root = Path(__file__).parent
+    for item in items:
+        folder = Path(item.path).relative_to(root).parts[0]
+        if folder not in ALONGSIDE or item.get_closest_marker("ray"):
+            item.add_marker(pytest.mark.xdist_group("cluster"))
 
 
 @pytest.fixture(autouse=True, scope="session")
