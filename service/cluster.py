@@ -92,6 +92,12 @@ def _ray_env() -> dict[str, str]:
     # (none here): with a finished job's Ray Data actors still leased, every stop of the service
     # waited the full 30 s. The embedded head stops with the service; there is nothing to drain to.
     env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
+    # On Linux `ray start --node-ip-address=127.0.0.1` takes the machine's outward address instead
+    # (Ray rewrites "localhost" addresses for multi-node clusters): the embedded head would listen
+    # and advertise its node on the LAN. With this 0 Ray keeps 127.0.0.1; it only stops other nodes
+    # joining, and the embedded head has none. Its drivers and workers inherit it, and so resolve
+    # 127.0.0.1 the same way (leoclr_core.distributed sets it too).
+    env.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     return contract.ray_environment(env)
 
 

@@ -51,17 +51,21 @@ def test_the_cli_runs_from_the_installed_package_as_a_non_root_user(docker_daemo
         assert command in "\n".join(help_text), f"`leoclr --help` lists no {command}"
 
 
+NODE_IP = "127.0.0.2"
+
+
 @pytest.fixture(scope="module")
 def ray_cluster(docker_daemon, leoclr_image):
-    """A Ray head container and a worker container joining it on 127.0.0.1, with token auth as
-    deploy/ runs them."""
+    """A Ray head container and a worker container joining it on the loopback network, with token
+    auth as deploy/ runs them. Their address is NODE_IP: `ray start` on Linux takes 127.0.0.1 for
+    the machine's outward address when other nodes join."""
     gcs, dashboard, client = free_ports(3)
     env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
            # No drain on SIGTERM (for Ray Serve replicas): the containers go with the test.
            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     # /dev/shm of a container is 64 MB unless sized: Ray's object store lives there.
     opts = ["--shm-size", "512m"]
-    common = ["--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats", "--num-cpus=1",
+    common = ["--block", f"--node-ip-address={NODE_IP}", "--disable-usage-stats", "--num-cpus=1",
               "--object-store-memory=200000000"]
     head = docker_daemon.run(leoclr_image.tag, "ray", "start", "--head", *common, f"--port={gcs}",
                              f"--ray-client-server-port={client}", "--include-dashboard=true",
@@ -69,7 +73,7 @@ def ray_cluster(docker_daemon, leoclr_image):
                              env=env, options=opts)
     wait_http(f"http://127.0.0.1:{dashboard}/api/version", 180, daemon=docker_daemon, container=head,
               headers={"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"})
-    worker = docker_daemon.run(leoclr_image.tag, "ray", "start", f"--address=127.0.0.1:{gcs}", *common,
+    worker = docker_daemon.run(leoclr_image.tag, "ray", "start", f"--address={NODE_IP}:{gcs}", *common,
                                *_node_ports(), env=env, options=opts)
     yield {"head": head, "worker": worker, "gcs": gcs, "dashboard": dashboard, "env": env}
     docker_daemon.remove(worker, head)
@@ -83,7 +87,7 @@ def test_a_worker_container_joins_the_head_container_and_runs_tasks(docker_daemo
         import os, sys, time
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-        ray.init(address="127.0.0.1:{ray_cluster['gcs']}", logging_level="ERROR")
+        ray.init(address="{NODE_IP}:{ray_cluster['gcs']}", logging_level="ERROR")
         for _ in range(240):
             nodes = [n for n in ray.nodes() if n["Alive"]]
             if len(nodes) == 2:
@@ -106,6 +110,7 @@ def test_a_worker_container_joins_the_head_container_and_runs_tasks(docker_daemo
     out = docker_daemon.exec(ray_cluster["head"], "python", "-c", probe, timeout=300)
     lines = [line for line in out.stdout.splitlines() if line.startswith("task ran on")]
     assert sorted(line.split()[4] for line in lines) == ["head", "worker"], out.stdout + out.stderr
+    assert all(line.split()[3] == NODE_IP for line in lines), lines
     assert all(line.endswith(f"as uid {UID}") for line in lines), lines
     for container in (ray_cluster["head"], ray_cluster["worker"]):
         assert _uids(docker_daemon, container) == {UID}, docker_daemon.docker("top", container).stdout

@@ -1,4 +1,4 @@
-"""A real two-node Ray cluster of separate processes on 127.0.0.1 (token auth), the API started
+"""A real two-node Ray cluster of separate processes on the loopback network (token auth), the API started
 against it through RAY_ADDRESS, and a pretrain job submitted over REST whose two DDP workers are
 spread across both nodes: it succeeds with its checkpoints in the shared storage path and its
 encoder in the registry. What a cluster deployment (deploy/) does, at laptop scale."""
@@ -20,6 +20,9 @@ from .conftest import clean_env, free_ports, tiny_pretrain, wait_healthy
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 REPO = Path(__file__).resolve().parents[2]
+# The nodes' address: loopback, but not 127.0.0.1, which `ray start` on Linux rewrites to the
+# machine's outward address for a cluster that other nodes join (as it does "localhost").
+NODE_IP = "127.0.0.2"
 TOKEN = "cluster-token-0123456789"
 H = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -48,7 +51,7 @@ def cluster(tmp_path_factory):
     procs = []
 
     def start(args: list[str], log: str) -> None:
-        procs.append(subprocess.Popen([ray, "start", "--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
+        procs.append(subprocess.Popen([ray, "start", "--block", f"--node-ip-address={NODE_IP}", "--disable-usage-stats",
                                        *args, *_node_ports()], env=env, start_new_session=True,
                                       stdout=open(root / log, "wb"), stderr=subprocess.STDOUT))
 
@@ -62,20 +65,23 @@ def cluster(tmp_path_factory):
         except httpx.HTTPError:
             assert procs[0].poll() is None and time.monotonic() < deadline, (root / "head.log").read_text()[-3000:]
             time.sleep(0.5)
-    start([f"--address=127.0.0.1:{gcs}", "--num-cpus=2"], "worker.log")
+    start([f"--address={NODE_IP}:{gcs}", "--num-cpus=2"], "worker.log")
     # The API sizes jobs against the nodes Ray reports: both must have joined before a job is sent.
     waiter = ("import sys, time\nfrom ray.util.state import list_nodes\n"
               "for _ in range(240):\n"
-              f"    if len(list_nodes(address='http://127.0.0.1:{dash}', filters=[('state', '=', 'ALIVE')])) == 2:\n"
+              f"    nodes = list_nodes(address='http://127.0.0.1:{dash}', filters=[('state', '=', 'ALIVE')])\n"
+              "    if len(nodes) == 2:\n"
+              "        print(' '.join(n.node_ip for n in nodes))\n"
               "        sys.exit(0)\n"
               "    time.sleep(0.5)\n"
               "sys.exit(1)\n")
     joined = subprocess.run([sys.executable, "-c", waiter], env=env, capture_output=True, text=True, timeout=180)
     assert joined.returncode == 0, (joined.stderr[-2000:], (root / "worker.log").read_text()[-3000:])
+    assert joined.stdout.split() == [NODE_IP, NODE_IP], f"a node is not on the loopback address: {joined.stdout}"
 
     data = root / "data"
     [port] = free_ports()
-    api_env = {**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}", "LEOCLR_DATA_DIR": str(data),
+    api_env = {**env, "RAY_ADDRESS": f"{NODE_IP}:{gcs}", "LEOCLR_DATA_DIR": str(data),
                "LEOCLR_STORAGE_PATH": str(shared), "LEOCLR_API_TOKEN": TOKEN}
     procs.append(subprocess.Popen([sys.executable, "-m", "leoclr_core.cli", "serve", "--port", str(port)],
                                   env=api_env, cwd=REPO, start_new_session=True,

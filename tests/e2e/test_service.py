@@ -323,6 +323,20 @@ def test_the_s3_secret_is_in_no_log_api_answer_or_mlflow_run(service):
     assert not leaked, f"the S3 secret appears in: {leaked}"
 
 
+def _raylet_addresses(head: int) -> set[str]:
+    """The node addresses of the raylets in the process group of `ray start` pid `head` (Linux's /proc)."""
+    found = set()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+            if not argv[0].endswith(b"/raylet") or os.getpgid(int(cmdline.parent.name)) != head:
+                continue
+        except OSError:
+            continue
+        found |= {a.split(b"=", 1)[1].decode() for a in argv if a.startswith(b"--node_ip_address=")}
+    return found
+
+
 def test_submit_serve_runs_a_job_and_ctrl_c_stops_everything(tmp_path):
     """`leoclr submit SPEC --serve` (what `make run` calls): interrupted mid-job, it cancels the job,
     stops the service and its Ray head, and exits 130."""
@@ -338,6 +352,9 @@ def test_submit_serve_runs_a_job_and_ctrl_c_stops_everything(tmp_path):
             break
     assert proc.poll() is None, "".join(lines)
     head = json.loads((tmp_path / "data" / "ray-head.json").read_text())["pid"]
+    # Bound to the loopback address, as it says: not the machine's outward one, which Ray on Linux
+    # takes for 127.0.0.1 unless told otherwise.
+    assert _raylet_addresses(head) == {"127.0.0.1"}
     proc.send_signal(signal.SIGINT)
     try:
         rest, _ = proc.communicate(timeout=180)
