@@ -502,10 +502,13 @@ class PromotionDecision:
 
 def eval_fingerprint(data: DataSpec, evaluation: EvalSpec, metric: str) -> str:
     """What makes two values of `metric` comparable: the evaluation data and the protocol measuring
-    it (k-NN's k and temperature; the probe's epochs and learning rate for linear_top1)."""
+    it (k-NN's k and temperature; the probe's epochs and learning rate for linear_top1; every setting
+    of the fine-tuning, its label fraction first, for finetune_top1)."""
     protocol: dict[str, Any] = {"knn_k": evaluation.knn_k, "knn_temperature": evaluation.knn_temperature}
     if metric == "linear_top1":
         protocol.update(probe_epochs=evaluation.probe_epochs, probe_lr=evaluation.probe_lr)
+    if metric.startswith("finetune_"):
+        protocol["finetune"] = evaluation.finetune.model_dump(mode="json")
     blob = json.dumps({"data": data.model_dump(mode="json"), "metric": metric, **protocol}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -51,7 +51,8 @@ def evaluate(
     device: Optional[str] = typer.Option(None, help="Torch device for --local (default: cuda if the spec uses GPUs)."),
     local: bool = LocalOption,
 ) -> None:
-    """Evaluate a frozen encoder (registry URI, run URI or checkpoint): k-NN, linear probe or transfer."""
+    """Evaluate an encoder (registry URI, run URI or checkpoint): k-NN, linear probe or transfer of its
+    frozen features, or a fine-tune of a copy on a fraction of the labels."""
     jobs.evaluate(jobs.load(spec_path, overrides, "evaluate"), local=local, device=device)
 
 

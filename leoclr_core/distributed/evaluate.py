@@ -1,6 +1,6 @@
 """An evaluate job on Ray: one task with the spec's resources loads the encoder (registry URI,
-run URI or checkpoint path), runs k-NN / linear probe / transfer, and the driver records the
-results in MLflow and on the evaluated model version.
+run URI or checkpoint path), runs k-NN / linear probe / transfer / fine-tune, and the driver records
+the results in MLflow and on the evaluated model version.
 
 With `promote`, the driver then decides whether the version takes the promotion alias
 (`tracking.promote`), measuring the version that holds it with the same task on the same data
@@ -20,7 +20,15 @@ import torch
 from leoclr_core import tracking
 from leoclr_core.evaluation.job import SHEET_NAME, evaluate_job
 from leoclr_core.settings import CoreSettings, core_settings
-from leoclr_core.spec.models import DataSpec, EncoderRef, EvalSpec, EvaluateSpec, PromoteSpec, ScalingSpec
+from leoclr_core.spec.models import (
+    MEASURED_BY,
+    DataSpec,
+    EncoderRef,
+    EvalSpec,
+    EvaluateSpec,
+    PromoteSpec,
+    ScalingSpec,
+)
 
 
 def _evaluate_task(spec_json: dict[str, Any], tracking_uri: str, data_dir: str,
@@ -47,12 +55,12 @@ def _run_task(spec: EvaluateSpec, s: CoreSettings, sheet: bool = False) -> dict[
 
 
 def measure_version(name: str, version: str, metric: str, data: DataSpec, evaluation: EvalSpec,
-                    scaling: ScalingSpec, settings: CoreSettings | None = None) -> float:
+                    scaling: ScalingSpec, settings: CoreSettings | None = None, seed: int = 0) -> float:
     """`metric` of a registered version's encoder on `data`, by the protocol of `evaluation`: the
-    evaluate job's task, with `scaling`'s resources."""
-    spec = EvaluateSpec(name=f"{name}-v{version}-promotion"[:64],
+    evaluate job's task, with `scaling`'s resources (`seed`: the fine-tune's, for finetune_top1)."""
+    spec = EvaluateSpec(name=f"{name}-v{version}-promotion"[:64], seed=seed,
                         encoder=EncoderRef(model_uri=f"models:/{name}/{version}"), data=data, eval=evaluation,
-                        scaling=scaling, protocol="knn" if metric == "knn_top1" else "linear")
+                        scaling=scaling, protocol=MEASURED_BY[metric][0])
     result = _run_task(spec, settings or core_settings())
     if result.get(metric) is None:
         raise ValueError(f"evaluating version {version} of {name} gave no {metric} on {data.source} data")
@@ -61,13 +69,13 @@ def measure_version(name: str, version: str, metric: str, data: DataSpec, evalua
 
 def decide_promotion(name: str, version: str, promote: PromoteSpec, candidate: float | None, data: DataSpec,
                      evaluation: EvalSpec, scaling: ScalingSpec,
-                     settings: CoreSettings | None = None) -> tracking.PromotionDecision:
+                     settings: CoreSettings | None = None, seed: int = 0) -> tracking.PromotionDecision:
     """The promotion decision for `version`, compared with the alias's holder on `data`; `candidate`:
     its value measured already (a pretrain's final evaluation), None to measure it here."""
     s = settings or core_settings()
 
     def measure(v: str) -> float:
-        return measure_version(name, v, promote.metric, data, evaluation, scaling, s)
+        return measure_version(name, v, promote.metric, data, evaluation, scaling, s, seed)
 
     value = measure(version) if candidate is None else float(candidate)
     fingerprint = tracking.eval_fingerprint(data, evaluation, promote.metric)
@@ -89,11 +97,11 @@ def run_evaluate(spec: EvaluateSpec, settings: CoreSettings | None = None,
     result = _run_task(spec, s, sheet=True)
     png = result.pop("neighbours_sheet", None)
     uri = spec.encoder.model_uri or str(Path(spec.encoder.checkpoint).resolve())  # type: ignore[arg-type]
-    metrics = {k: v for k, v in result.items() if k.endswith("_top1")}
+    metrics = {k: v for k, v in result.items() if k.endswith(("_top1", "_top5"))}
     result["mlflow_run_id"] = tracking.log_evaluation(spec.name, spec, metrics, uri, settings=s)
     if spec.promote is not None and pinned is not None:
         result["promotion"] = decide_promotion(*pinned, spec.promote, result.get(spec.promote.metric), spec.data,
-                                               spec.eval, spec.scaling, s).as_dict()
+                                               spec.eval, spec.scaling, s, spec.seed).as_dict()
     out = Path(out_dir) if out_dir else spec.out_dir
     out.mkdir(parents=True, exist_ok=True)
     if png is not None:

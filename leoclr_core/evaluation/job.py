@@ -1,4 +1,5 @@
-"""An evaluate job in one process: a frozen encoder, k-NN and/or a linear probe, results written."""
+"""An evaluate job in one process: k-NN and/or a linear probe of a frozen encoder, or a fine-tune of
+a copy of it; results written."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch.nn as nn
 
 from leoclr_core.data import ImageSource
 from leoclr_core.evaluation import neighbours
+from leoclr_core.evaluation.finetune import finetune
 from leoclr_core.evaluation.probes import evaluate_backbone, extract_features
 from leoclr_core.spec.models import DataSpec, EvaluateSpec
 from leoclr_core.training.checkpoint import load_backbone
@@ -33,7 +35,9 @@ def evaluate_job(
     write_outputs: bool = True,
     sheet_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Returns {"knn_top1": .., "linear_top1": .., ...} and writes it to <output>/results.json.
+    """Returns {"knn_top1": .., "linear_top1": .., ...} (protocol finetune: {"finetune_top1": ..,
+    "finetune_top5": .., "finetune": {"label_fraction": .., "labelled_images": ..}, ...}) and writes it
+    to <output>/results.json.
 
     `encoder`: an already loaded `ImageEncoder` (the tracking layer resolves `encoder.model_uri`
     to one); otherwise `encoder.checkpoint` is read from disk. A neighbour sheet of fixed test
@@ -60,18 +64,27 @@ def evaluate_job(
     if not train.labelled or not train.num_classes:
         raise ValueError(f"data source {d.source!r} at {d.path!r} is unlabelled: evaluation needs labels")
     e = spec.eval
-    both = spec.protocol in ("both", "transfer")
-    result = evaluate_backbone(
-        backbone, train, test, runtime, num_classes=train.num_classes, size=d.image_size, mean=mean,
-        std=std, knn=spec.protocol == "knn" or both, linear=spec.protocol == "linear" or both,
-        k=e.knn_k, knn_temperature=e.knn_temperature, probe_epochs=e.probe_epochs, probe_lr=e.probe_lr,
-    )
+    if spec.protocol == "finetune":
+        tuned = finetune(backbone, train, test, runtime, e.finetune, num_classes=train.num_classes,
+                         size=d.image_size, mean=mean, std=std, subset_seed=d.seed, seed=spec.seed,
+                         num_workers=spec.scaling.loader_workers)
+        measured = {**tuned.as_metrics(), "finetune": {"label_fraction": tuned.label_fraction,
+                                                       "labelled_images": tuned.labelled_images}}
+        features = "backbone fine-tuned end to end with a linear head; test images resized whole"
+    else:
+        both = spec.protocol in ("both", "transfer")
+        measured = evaluate_backbone(
+            backbone, train, test, runtime, num_classes=train.num_classes, size=d.image_size, mean=mean,
+            std=std, knn=spec.protocol == "knn" or both, linear=spec.protocol == "linear" or both,
+            k=e.knn_k, knn_temperature=e.knn_temperature, probe_epochs=e.probe_epochs, probe_lr=e.probe_lr,
+        ).as_metrics()
+        features = "offline, frozen backbone features, whole image"
     out = {
-        **result.as_metrics(),
+        **measured,
         "encoder": str(source),
         "backbone": backbone_name,
         "protocol": spec.protocol,
-        "features": "offline, frozen backbone features, whole image",
+        "features": features,
         "data": d.source,
         "train_images": len(train),
         "test_images": len(test),

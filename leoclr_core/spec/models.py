@@ -267,6 +267,47 @@ class ScalingSpec(_Section):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
+def labelled_per_class(fraction: float, count: int) -> int:
+    """The labelled images of a class of `count` a fine-tune takes: fraction x count rounded half up,
+    at least one. The one rule, shared by the spec's check and the subset the job draws."""
+    return max(1, math.floor(round(fraction * count, 9) + 0.5))
+
+
+def check_label_fraction(fraction: float, smallest: int, which: str) -> None:
+    """Refuse a fraction that gives the smallest class (`which`, of `smallest` images) less than one
+    labelled image: taking one anyway would label more of that class than the fraction asked for."""
+    if round(fraction * smallest, 9) >= 1:  # rounded: 0.0002 x 5000 is 0.9999999999999999 in floats
+        return
+    least = 1 / max(smallest, 1)
+    unit = 10.0 ** (math.floor(math.log10(least)) - 2)
+    least = math.ceil(round(least / unit, 6)) * unit  # three significant digits, rounded up
+    raise ValueError(
+        f"eval.finetune.label_fraction ({fraction:g}) gives {fraction * smallest:.3g} labelled images per class: "
+        f"{which} has {smallest} image{'s' if smallest != 1 else ''}, so it would get less than one; "
+        f"label_fraction must be at least {least:g} for this data")
+
+
+class FinetuneSpec(_Section):
+    """The `finetune` protocol: a copy of the backbone and a linear head trained end to end on a
+    class-balanced labelled subset of the train split, top-1 (and top-5) on the test split."""
+
+    # each class: label_fraction x its images, rounded, drawn with data.seed (which images are labelled
+    # is part of the evaluation data); refused when it gives a class less than one image
+    label_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
+    epochs: Epochs = 30
+    lr: Annotated[float, Field(gt=0.0, le=MAX_LR)] = 0.05  # SGD with momentum 0.9, cosine to zero
+    batch_size: Annotated[int, Field(ge=2, le=MAX_BATCH, description="capped by the labelled images")] = 256
+    weight_decay: Annotated[float, Field(ge=0.0, le=MAX_WEIGHT_DECAY)] = 0.0
+    crop_scale: Annotated[tuple[CropScale, CropScale], Field(
+        description="low <= high; of the random resized crops (and flips) the backbone is fine-tuned on; "
+                    "test images are resized whole")] = (0.2, 1.0)
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale(cls, v: tuple[float, float]) -> tuple[float, float]:
+        return AugmentSpec._scale(v)
+
+
 class EvalSpec(_Section):
     knn_every: Annotated[int, Field(ge=0, le=MAX_EPOCHS)] = 5  # epochs; 0 = only at the end
     # Not checked against data.num_images: the vote takes min(k, training images) neighbours, and
@@ -276,6 +317,7 @@ class EvalSpec(_Section):
     linear_probe: bool = False
     probe_epochs: Epochs = 100
     probe_lr: Annotated[float, Field(gt=0.0, le=MAX_LR)] = 0.1
+    finetune: FinetuneSpec = FinetuneSpec()  # read by an evaluate job's protocol finetune only
 
 
 class CheckpointSpec(_Section):
@@ -294,7 +336,11 @@ _REGISTRY_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}"
 _REGISTRY_NAME_RULE = "must be 1-100 letters, digits, '_', '.', '-', starting with a letter or digit"
 # Metrics a promotion can compare: ones that can be measured again on another version's encoder
 # with the same evaluation data (a training loss cannot).
-PROMOTION_METRICS = ("knn_top1", "linear_top1")
+PROMOTION_METRICS = ("knn_top1", "linear_top1", "finetune_top1")
+# The evaluate protocols that measure each of them; the first measures it alone (another version's
+# value for a promotion decision).
+MEASURED_BY = {"knn_top1": ("knn", "both", "transfer"), "linear_top1": ("linear", "both", "transfer"),
+               "finetune_top1": ("finetune",)}
 
 
 class PromoteSpec(_Section):
@@ -302,7 +348,7 @@ class PromoteSpec(_Section):
     evaluation data, by at least `min_delta` (points of `metric`)."""
 
     alias: str = "champion"  # the alias that moves; not register.alias, which every new version gets
-    metric: Literal["knn_top1", "linear_top1"] = "knn_top1"
+    metric: Literal["knn_top1", "linear_top1", "finetune_top1"] = "knn_top1"
     # the least improvement that moves the alias, in points of the metric; a tie never moves it
     min_delta: Annotated[float, Field(ge=0.0, le=100.0)] = 0.0
     mode: Literal["max", "min"] = "max"  # max: a higher value is better
@@ -404,6 +450,11 @@ class PretrainSpec(_JobSpec):
         p = self.register.promote
         if p is not None and p.metric == "linear_top1" and not self.eval.linear_probe:
             raise ValueError("register.promote.metric linear_top1 needs eval.linear_probe: true")
+        if p is not None and p.metric == "finetune_top1":
+            raise ValueError("register.promote.metric finetune_top1 is measured by an evaluate job (protocol "
+                             "finetune), not by a pretrain: promote the registered version with that job's promote")
+        if self.eval.finetune != FinetuneSpec():
+            raise ValueError("eval.finetune is read by an evaluate job's protocol finetune, not by a pretrain")
         return self
 
 
@@ -426,7 +477,9 @@ class EvaluateSpec(_JobSpec):
     data: DataSpec = DataSpec()
     # transfer: k-NN and a linear probe on a dataset other than the one the encoder was trained on,
     # recorded as a transfer result on the model version.
-    protocol: Literal["knn", "linear", "both", "transfer"] = "knn"
+    # finetune: the backbone fine-tuned end to end with a linear head on a class-balanced labelled
+    # subset (eval.finetune), accuracy on the test split.
+    protocol: Literal["knn", "linear", "both", "transfer", "finetune"] = "knn"
     eval: EvalSpec = EvalSpec()
     scaling: ScalingSpec = ScalingSpec()
     # decide whether the evaluated version (encoder.model_uri models:/...) takes promote.alias
@@ -440,9 +493,23 @@ class EvaluateSpec(_JobSpec):
         if not (self.encoder.model_uri or "").startswith("models:/"):
             raise ValueError("promote needs encoder.model_uri of a registered version (models:/name/version "
                              "or models:/name@alias)")
-        measured = ("knn",) if p.metric == "knn_top1" else ("linear",)
-        if self.protocol not in (*measured, "both", "transfer"):
+        if self.protocol not in MEASURED_BY[p.metric]:
             raise ValueError(f"promote.metric {p.metric} is not measured by protocol {self.protocol!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _finetune(self) -> "EvaluateSpec":
+        f, d = self.eval.finetune, self.data
+        if self.protocol != "finetune":
+            if f != FinetuneSpec():
+                raise ValueError(f"eval.finetune is read by protocol finetune only, not {self.protocol!r}")
+            return self
+        if d.source == "synthetic-objects" and d.num_images is not None:
+            # Synthetic labels go round the classes, so the smallest class is known here; a file
+            # source's classes are counted when the job reads its labels.
+            k = d.synthetic.num_classes
+            check_label_fraction(f.label_fraction, max(1, d.num_images // k),
+                                 f"the smallest class (data.num_images {d.num_images} over {k} classes)")
         return self
 
 

@@ -186,22 +186,33 @@ def test_a_finished_job_run_again_on_another_tracking_store_registers_its_result
     assert [str(v.version) for v in c.search_model_versions(f"name = '{name}'")] == ["1"]
 
 
-def test_evaluate_job_on_ray_from_the_registry_tags_the_model_version(finished_run, tmp_path):
+@pytest.mark.parametrize("protocol, evaluation, metrics", [
+    ("both", {"knn_k": 20, "probe_epochs": 5}, ("knn_top1", "linear_top1")),
+    ("finetune", {"finetune": {"label_fraction": 0.1, "epochs": 2, "batch_size": 16}},
+     ("finetune_top1", "finetune_top5")),
+])
+def test_evaluate_job_on_ray_from_the_registry_tags_the_model_version(finished_run, tmp_path, protocol, evaluation,
+                                                                      metrics):
     spec, summary, _ = finished_run
-    name = spec["register"]["model_name"]
+    name, job = spec["register"]["model_name"], f"eval-ray-{protocol}"
     evaluate = {
-        "kind": "evaluate", "name": "eval-ray-demo", "encoder": {"model_uri": f"models:/{name}@candidate"},
-        "data": {**spec["data"], "seed": 1}, "protocol": "both",
-        "eval": {"knn_k": 20, "probe_epochs": 5}, "output_dir": str(tmp_path / "eval"),
+        "kind": "evaluate", "name": job, "encoder": {"model_uri": f"models:/{name}@candidate"},
+        "data": {**spec["data"], "seed": 1}, "protocol": protocol,
+        "eval": evaluation, "output_dir": str(tmp_path / "eval"),
     }
     result = runner.invoke(app, ["evaluate", str(_write(tmp_path, evaluate))])
     assert result.exit_code == 0, result.output
     res = json.loads(result.stdout.strip().splitlines()[-1])
-    assert 0 <= res["knn_top1"] <= 100 and 0 <= res["linear_top1"] <= 100
+    assert all(0 <= res[m] <= 100 for m in metrics)
     c = _mlflow()
-    assert c.get_run(res["mlflow_run_id"]).data.metrics["knn_top1"] == pytest.approx(res["knn_top1"])
+    logged = c.get_run(res["mlflow_run_id"]).data
     version = c.get_model_version_by_alias(name, "candidate")
-    assert float(version.tags["eval.eval-ray-demo.knn_top1"]) == pytest.approx(res["knn_top1"])
+    for m in metrics:
+        assert logged.metrics[m] == pytest.approx(res[m])
+        assert float(version.tags[f"eval.{job}.{m}"]) == pytest.approx(res[m])
+    if protocol == "finetune":
+        assert logged.params["eval.finetune.label_fraction"] == "0.1"
+        assert res["finetune"] == {"label_fraction": 0.1, "labelled_images": 50}  # 512 images of 10 classes
 
 
 def test_evaluate_names_an_unknown_registered_model(ray_cluster, tmp_path):

@@ -163,6 +163,24 @@ def test_data_under_a_configured_root_is_accepted(make_client, tmp_path):
         assert r.status_code == 422 and r.json()["detail"].startswith("encoder.model_uri")
 
 
+def test_an_evaluate_job_may_fine_tune_and_a_label_fraction_too_small_for_the_data_is_422(make_client):
+    ev = {"kind": "evaluate", "name": "ft", "encoder": {"model_uri": "models:/m@candidate"}, "protocol": "finetune",
+          "data": {"num_images": 1000}, "eval": {"finetune": {"label_fraction": 0.01, "epochs": 5}}}
+    runner = FakeRunner()
+    with make_client(runner) as c:
+        r = c.post("/v1/jobs", json=ev, headers=AUTH)
+        assert r.status_code == 201, r.text
+        stored = r.json()["spec"]
+        assert stored["protocol"] == "finetune" and stored["eval"]["finetune"]["label_fraction"] == 0.01
+        too_few = {**ev, "eval": {"finetune": {"label_fraction": 0.005}}}
+        r = c.post("/v1/jobs", json=too_few, headers=AUTH)
+        assert r.status_code == 422 and "eval.finetune.label_fraction (0.005) gives 0.5 labelled images per class" \
+            in r.json()["detail"], r.text
+        r = c.post("/v1/jobs", json={**ev, "eval": {"finetune": {"label_fraction": 2}}}, headers=AUTH)
+        assert r.status_code == 422 and "eval.finetune.label_fraction" in r.json()["detail"], r.text
+        assert len(runner.submitted) == 1
+
+
 def test_cancel_of_a_job_that_ray_already_finished_is_409_with_its_real_status(make_client):
     runner = FakeRunner()
     with make_client(runner) as c:
