@@ -8,6 +8,7 @@ import pytest
 ALONGSIDE = ("unit", "deploy")  # test folders whose tests start no cluster and no service
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the marks into each test's id
 def pytest_collection_modifyitems(config, items):
     """Under `pytest -n 2 --dist loadgroup` (make test), every test that starts Ray or a service runs
     on one worker, in file order, as in a plain run (module-scoped clusters stay shared, no two

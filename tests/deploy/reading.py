@@ -16,7 +16,8 @@ DOCKERFILES = {"cpu": ROOT / "docker" / "Dockerfile", "cuda": ROOT / "docker" / 
 # Variables whose values are secrets: tokens, passwords, and connection URLs that carry a password.
 SECRET_NAME = re.compile(r"TOKEN|PASSWORD|PASSWD|SECRET|CREDENTIAL|DATABASE_URL|BACKEND_STORE_URI")
 # Ray's token authentication, read by Ray itself (docs/configuration.md).
-RAY_VARIABLES = {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}
+# Read by Ray itself (token auth; how long a stopping node drains): not settings of this project.
+RAY_VARIABLES = {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"}
 
 
 def venv_tool(name: str, path: Path, package: str) -> Path:

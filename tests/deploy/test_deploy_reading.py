@@ -17,6 +17,7 @@ from packaging.requirements import Requirement
 
 from .reading import (
     DOCKERFILES,
+    RAY_VARIABLES,
     ROOT,
     SECRET_NAME,
     built_images,
@@ -153,3 +154,18 @@ def test_constraints_pin_every_dependency_within_range():
         assert req.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} is outside {req}"
         for extra in req.extras if name == "psycopg" else ():  # psycopg[binary] is the package psycopg-binary
             assert f"psycopg-{extra}" in pins, f"psycopg[{extra}] needs psycopg-{extra} pinned"
+
+
+def test_ray_reads_each_variable_the_deploy_files_set_for_it():
+    """A variable of RAY_VARIABLES that this Ray no longer reads would be silently ignored."""
+    import ray
+
+    root = Path(ray.__file__).parent
+    blobs = [root / "_raylet.so", *root.rglob("*.py")]
+    missing = set(RAY_VARIABLES)
+    for path in blobs:
+        data = path.read_bytes()
+        missing = {name for name in missing if name.encode() not in data}
+        if not missing:
+            break
+    assert not missing, f"Ray {ray.__version__} reads none of {sorted(missing)} (neither its code nor _raylet.so)"
