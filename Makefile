@@ -22,7 +22,7 @@ run: $(STAMP)
 # Two pytest workers: every test that starts Ray or a service on one, in file order (tests/conftest.py),
 # the unit tests on the other while those wait on their processes.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not chaos and not deploy" --durations=25
+	$(PY) -m pytest -q -n 2 --dist loadscope -m "not chaos and not deploy" --durations=25
 
 # The chaos tier (docs/reliability.md): the API, the Ray head and the MLflow server killed mid-job, a
 # burst of 20 jobs. -s: each scenario prints its figures (time to detect, to recover, jobs accepted

@@ -1,24 +1,28 @@
 """Every test runs against its own data directory: no test reads or writes ~/.leoclr, a user's
 MLflow server or a user's Ray cluster."""
 
-from pathlib import Path
-
 import pytest
 
 ALONGSIDE = ("unit", "deploy")  # test folders whose tests start no cluster and no service
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the marks into each test's id
-def pytest_collection_modifyitems(config, items):
-    """Under `pytest -n 2 --dist loadgroup` (make test), every test that starts Ray or a service runs
-    on one worker, in file order, as in a plain run (module-scoped clusters stay shared, no two
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Under `pytest -n 2 --dist loadscope` (make test), every test that starts Ray or a service
+    runs on one worker, in file order, as in a plain run (module-scoped clusters stay shared, no two
     clusters compete): those tests leave much of a 2-core machine idle while they wait on processes,
-    and the unit tests run on the other worker meanwhile. Without xdist the mark does nothing."""
-    root = Path(__file__).parent
-    for item in items:
-        folder = Path(item.path).relative_to(root).parts[0]
-        if folder not in ALONGSIDE or item.get_closest_marker("ray"):
-            item.add_marker(pytest.mark.xdist_group("cluster"))
+    and the tests of ALONGSIDE run on the other worker meanwhile, one at a time. (xdist's own
+    xdist_group marks do not reach its scheduler under pytest 9.)"""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ClusterTestsTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            parts = nodeid.split("/")
+            return nodeid if len(parts) > 2 and parts[1] in ALONGSIDE else "cluster"
+
+    return ClusterTestsTogether(config, log)
 
 
 @pytest.fixture(autouse=True, scope="session")
