@@ -38,6 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 import torch
 from mlflow.exceptions import MlflowException
 
@@ -450,7 +451,9 @@ def run_embed(spec: EmbedSpec, *, settings: CoreSettings | None = None,
         contract.TAG_EMBEDDINGS: output, contract.TAG_ENCODER: spec.encoder.model_uri or encoder_uri})
     outcome = "FAILED"
     try:
-        tally = Tally.remote()
+        # On the driver's node: a worker node that dies would take the tally along (see pretrain._fit).
+        tally = Tally.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=False)).remote()
         rows, ids = build_rows(spec, tally)
         sc = spec.scaling
         embedded = rows.map_batches(

@@ -50,6 +50,7 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from leoclr_core import contract, tracking
 from leoclr_core.distributed.data import (
@@ -256,9 +257,14 @@ def _fit(spec: PretrainSpec, cb: Callbacks, out: Path, run_id: str, run_name: st
     """Train (or resume) on Ray Train; the run and the path of its final checkpoint."""
     pg = data_placement or data_placement_group(spec)
     try:
-        counter = SkipCounter.remote() if spec.data.source in ("imagefolder", "parquet") else None
+        # The job's bookkeeping actors live on the driver's node: left to Ray, one may land on a worker
+        # node, and a node that dies takes it along even as Ray Train restores the worker group
+        # elsewhere (the driver's last read of it then fails the job).
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        counter = (SkipCounter.options(scheduling_strategy=here).remote()
+                   if spec.data.source in ("imagefolder", "parquet") else None)
         dataset, num_images = build_dataset(spec, counter, placement_group=pg)
-        progress = ProgressLog.remote()
+        progress = ProgressLog.options(scheduling_strategy=here).remote()
         sc = spec.scaling
         resources = {"CPU": sc.cpus_per_worker}
         if sc.use_gpu:
