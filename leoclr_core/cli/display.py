@@ -16,6 +16,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from leoclr_core.training.callbacks import Callbacks
+
 console = Console(stderr=True)
 T = TypeVar("T")
 
@@ -51,7 +53,7 @@ def make_progress() -> Progress:
     )
 
 
-class ProgressCallbacks:
+class ProgressCallbacks(Callbacks):
     """A rich progress bar over all steps of the run: epoch, step, instances/s, loss, ETA."""
 
     def __init__(self, progress: Progress):
@@ -82,7 +84,7 @@ class ProgressCallbacks:
     def on_checkpoint(self, path: Path, epoch: int) -> None: ...
 
 
-class LineCallbacks:
+class LineCallbacks(Callbacks):
     """Plain log lines for non-terminals (CI, files): one line per epoch."""
 
     def on_start(self, state) -> None:
