@@ -66,7 +66,7 @@ from leoclr_core.data.jpeg import collate_jpeg_or_pixels, decode_resize_batch, d
 from leoclr_core.data.parquet import cell_bytes, parquet_split_paths
 from leoclr_core.data.prefetch import Prefetcher
 from leoclr_core.nn import collectives as dist
-from leoclr_core.nn.methods import METHOD_REGISTRY, MomentumMethod
+from leoclr_core.nn.methods import MomentumMethod
 from leoclr_core.spec.models import PretrainSpec
 from leoclr_core.training.engine import Runtime
 from leoclr_core.training.feed import Feed, epoch_seed, job_source, resize_for_batching, view_maker
@@ -255,12 +255,12 @@ class MakeViews:
         torch.set_num_threads(max(1, threads))
         spec = PretrainSpec.model_validate(spec_json)
         aug, d = spec.augment, spec.data
-        self.kinds = METHOD_REGISTRY[spec.method].view_kinds
+        self.kinds = spec.view_kinds
         if aug.batched:
             self.batched = BatchedViews(aug, d.image_size, d.mean, d.std, kinds=self.kinds)
         else:
             self.batched = None
-            self.transform = make_view_transform(spec.method, aug, d.image_size, d.mean, d.std)
+            self.transform = make_view_transform(spec.method, aug, d.image_size, d.mean, d.std, self.kinds)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = torch.from_numpy(np.ascontiguousarray(batch[IMAGE])).permute(0, 3, 1, 2)
@@ -346,7 +346,7 @@ class RayFeed(Feed):
         self.steps_per_epoch = (num_images // world) // self.batch
         if self.steps_per_epoch == 0:
             raise ValueError(f"{num_images} images make no full batch of {self.batch} per worker")
-        self.kinds = method.view_kinds
+        self.kinds = spec.view_kinds
         placed = InputPlacement.for_ray_workers(spec)
         self.maker = view_maker(spec, self.kinds, runtime) if placed.views_on_device else None
         self.device_decode = placed.decode_on_device

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from leoclr_core.nn import collectives as dist
 from leoclr_core.nn.losses import info_nce, leoclr_loss, mocov2_loss
 from leoclr_core.nn.model import Encoder, KeyQueue, build_encoder, convert_to_split_bn, update_momentum
-from leoclr_core.spec.models import LossSpec, ModelSpec
+from leoclr_core.spec.models import METHOD_VIEWS, LossSpec, ModelSpec
 
 
 @dataclass
@@ -31,6 +31,8 @@ class StepOutput:
 class MomentumMethod(nn.Module):
     """Query encoder f_q (trained), key encoder f_k (EMA of f_q, no gradient), key queue."""
 
+    # The kind of each view forward() takes, by default; a spec's `augment.views` may replace the
+    # kinds (controls), never their number (`PretrainSpec.view_kinds` is what the feeds make).
     view_kinds: ClassVar[tuple[str, ...]]
 
     def __init__(self, model: ModelSpec, loss: LossSpec, batch_size: int, distributed: bool = False):
@@ -123,6 +125,8 @@ class MoCoV2(MomentumMethod):
 
 
 METHOD_REGISTRY: dict[str, type[MomentumMethod]] = {"leoclr": LeOCLR, "mocov2": MoCoV2}
+assert {k: m.view_kinds for k, m in METHOD_REGISTRY.items()} == METHOD_VIEWS, \
+    "spec.METHOD_VIEWS and the methods' view_kinds must agree"
 
 
 def build_method(

@@ -30,6 +30,12 @@ from pydantic import (
 # Names the method layer registers (leoclr_core/nn/model.py checks it matches this tuple).
 BACKBONES = ("tiny", "resnet18", "resnet34", "resnet50")
 METHODS = ("leoclr", "mocov2")
+# What a view is (leoclr_core/views/batched.py makes each): "original" the whole image square-resized,
+# "crop" a random resized crop, "window" the whole image resized at a crop's scale with a view-sized
+# window cut from it (a control: the crops' scale and the whole image's aspect, not all its content).
+VIEW_KINDS = ("original", "crop", "window")
+# The views each method takes, slot by slot (leoclr_core/nn/methods.py checks its classes match).
+METHOD_VIEWS = {"leoclr": ("original", "crop", "crop"), "mocov2": ("crop", "crop")}
 DATA_SOURCES = ("synthetic-objects", "cifar10", "imagefolder", "parquet")
 ENCODED_SOURCES = ("imagefolder", "parquet")  # image files' bytes, which a device can decode (`data.decode`)
 
@@ -202,6 +208,12 @@ class AugmentSpec(_Section):
     # Photometric augmentation (jitter, grayscale, blur) on the original X; flip is separate.
     original_photometric: bool = True
     original_flip: bool = True
+    # The kind of each of the method's views (original, crop, window), replacing its own slot by slot
+    # (null: leoclr [original, crop, crop], mocov2 [crop, crop]). For controls, e.g. mocov2 with
+    # [original, crop]. original and window views take the original_* options.
+    views: Annotated[tuple[Literal["original", "crop", "window"], ...] | None, Field(
+        min_length=1, max_length=3, description="a kind (original, crop, window) per view of the method; null: "
+                    "its own (leoclr original, crop, crop; mocov2 crop, crop)")] = None
     # Where views are made: "cpu" in DataLoader workers (per sample, torchvision v2),
     # "gpu" batched on the training device, "auto" = gpu when the device is CUDA.
     device: Literal["auto", "cpu", "gpu"] = "auto"
@@ -438,12 +450,23 @@ class PretrainSpec(_JobSpec):
             raise ValueError(f"optim.batch_size ({self.optim.batch_size}) exceeds data.num_images ({n})")
         if self.data.decode == "gpu" and self.augment.device == "cpu":
             raise ValueError("data.decode 'gpu' needs views made on the device: augment.device 'gpu' or 'auto'")
+        views = self.augment.views
+        if views is not None and len(views) != len(METHOD_VIEWS[self.method]):
+            raise ValueError(
+                f"augment.views has {len(views)} kind(s); method {self.method} takes "
+                f"{len(METHOD_VIEWS[self.method])} views ({', '.join(METHOD_VIEWS[self.method])})"
+            )
         if self.loss.key_bn == "split" and self.optim.batch_size % self.loss.bn_splits:
             raise ValueError(
                 f"optim.batch_size ({self.optim.batch_size}) must be divisible by loss.bn_splits "
                 f"({self.loss.bn_splits}) for key_bn 'split'"
             )
         return self
+
+    @property
+    def view_kinds(self) -> tuple[str, ...]:
+        """The kind of each view the method is trained on: `augment.views`, or the method's own."""
+        return tuple(self.augment.views) if self.augment.views is not None else METHOD_VIEWS[self.method]
 
     @model_validator(mode="after")
     def _promotion_measured(self) -> "PretrainSpec":

@@ -99,7 +99,7 @@ class ViewFeed(Feed):
                  placement: InputPlacement | None = None, *, compile_views: bool | None = None):
         self.runtime, self.spec, self.source = runtime, spec, source
         self.placement = placement or InputPlacement.for_process(spec, runtime.device.type)
-        self.maker = (view_maker(spec, method.view_kinds, runtime, compile_views)
+        self.maker = (view_maker(spec, spec.view_kinds, runtime, compile_views)
                       if self.placement.views_on_device else None)
         self.dataset: Dataset
         if self.placement.decode_on_device:
@@ -108,7 +108,7 @@ class ViewFeed(Feed):
             self.dataset, self.collate = source, collate_images
         else:
             d = spec.data
-            transform = make_view_transform(spec.method, spec.augment, d.image_size, d.mean, d.std)
+            transform = make_view_transform(spec.method, spec.augment, d.image_size, d.mean, d.std, spec.view_kinds)
             self.dataset, self.collate = ViewDataset(source, transform), collate_views
         self.per_worker_batch = spec.optim.batch_size // dist.world_size()
         self.sampler = DistributedSampler(

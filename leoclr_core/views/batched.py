@@ -29,7 +29,9 @@ from torchvision.ops import roi_align
 if TYPE_CHECKING:  # read by attribute only, so this module needs nothing but torch and torchvision
     from leoclr_core.spec.models import AugmentSpec
 
-VIEW_KINDS = ("original", "crop")  # what a view is: the whole image, or a random crop
+# What a view is: the whole image, a random crop, or a window of the whole image at a crop's scale
+# (spec.models.VIEW_KINDS says the same; a test checks they agree).
+VIEW_KINDS = ("original", "crop", "window")
 PACKED_COLUMNS = 18  # ViewParams.pack: box (5), factors (4), order (4), flags (4), sigma (1)
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # column of each jitter factor; ids in `order`
 LUMA = (0.2989, 0.587, 0.114)  # ITU-R 601-2 weights, as torchvision's rgb_to_grayscale
@@ -98,6 +100,26 @@ def sample_crop_boxes(n: int, height: int, width: int, scale: tuple[float, float
     y0 = torch.minimum(torch.floor(u[:, 1] * (height - h + 1)), height - h)
     x0 = torch.where(found, x0, torch.div(width - w, 2, rounding_mode="floor"))
     y0 = torch.where(found, y0, torch.div(height - h, 2, rounding_mode="floor"))
+    return torch.stack([x0, y0, x0 + w, y0 + h], dim=1)
+
+
+def sample_window_boxes(n: int, height: int, width: int, scale: tuple[float, float],
+                        generator=None, device=None) -> Tensor:
+    """(n, 4) float boxes (x0, y0, x1, y1) of "window" views: the whole image resized at a crop's
+    scale, then a view-sized window cut from it at a random place.
+
+    In source pixels that is a box with the image's own aspect ratio whose area fraction a is drawn
+    as a crop's (a ~ U(scale)): sides round(sqrt(a) * width) by round(sqrt(a) * height), at a uniformly
+    random integer position. Objects appear as large as in a crop of that scale; unlike a crop, the
+    aspect ratio is never distorted, and unlike the original view, it does not hold the whole image.
+    """
+    frac = scale[0] + (scale[1] - scale[0]) * _rand((n,), generator, device)
+    side = frac.sqrt()
+    w = (side * width).round().clamp(1, width)
+    h = (side * height).round().clamp(1, height)
+    u = _rand((n, 2), generator, device)
+    x0 = torch.minimum(torch.floor(u[:, 0] * (width - w + 1)), width - w)
+    y0 = torch.minimum(torch.floor(u[:, 1] * (height - h + 1)), height - h)
     return torch.stack([x0, y0, x0 + w, y0 + h], dim=1)
 
 
@@ -323,9 +345,11 @@ BLUR_IMPLS = ("auto", "conv", "matmul")
 class BatchedViews:
     """Make views of a uint8 (B, 3, H, W) batch (or float in [0, 1]) on its own device.
 
-    `kinds` names each view: "original" (X, the whole image square-resized) or "crop" (a random
-    resized crop). Returns one normalised (B, 3, size, size) tensor per kind, of `dtype`. Pass a
-    CPU `torch.Generator` for reproducible views (the same on every device: see `params_for`).
+    `kinds` names each view: "original" (X, the whole image square-resized), "crop" (a random
+    resized crop) or "window" (`sample_window_boxes`: a control that puts the whole image at a
+    crop's scale); "original" and "window" take the spec's original_* options. Returns one
+    normalised (B, 3, size, size) tensor per kind, of `dtype`. Pass a CPU `torch.Generator` for
+    reproducible views (the same on every device: see `params_for`).
 
     `dtype` float16 runs everything after the resampling (which stays float32: sample positions
     need its precision) in half precision: half the memory traffic of these memory-bound ops, for
@@ -376,7 +400,8 @@ class BatchedViews:
             if kind == "crop":
                 aug = self.aug
                 rows.append(sample_crop_boxes(b, h, w, aug.crop_scale, aug.crop_ratio, generator, device))
-            else:  # the whole image, built on the device (no host-to-device copy)
+            else:  # the whole image, built on the device (no host-to-device copy); a window's box
+                # replaces it in `sample`, after every other draw
                 zero = torch.zeros(b, device=device)
                 rows.append(torch.stack([zero, zero, zero + w, zero + h], dim=1))
         index = torch.arange(b, device=device, dtype=torch.float32).repeat(len(self.kinds))
@@ -387,6 +412,12 @@ class BatchedViews:
         boxes = self._boxes(b, h, w, generator, device)
         params = ViewParams.cat([sample_view_params(b, self.aug, generator, device, photometric=p, flip=f)
                                  for p, f in self._switches])
+        # Windows are drawn last, so that with one generator every other view (box and parameters)
+        # is exactly what the same kinds with "original" in place of "window" give: the control
+        # changes that view's geometry and nothing else.
+        for k, kind in enumerate(self.kinds):
+            if kind == "window":
+                boxes[k * b:(k + 1) * b, 1:] = sample_window_boxes(b, h, w, self.aug.crop_scale, generator, device)
         return boxes, params
 
     def params_for(self, b: int, h: int, w: int, generator: torch.Generator | None,

@@ -17,8 +17,8 @@ from torch import Tensor
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from leoclr_core.views.batched import blur_kernel_size, check_view_args, gaussian_blur
-from leoclr_core.spec.models import AugmentSpec
+from leoclr_core.views.batched import VIEW_KINDS, blur_kernel_size, check_view_args, gaussian_blur
+from leoclr_core.spec.models import METHOD_VIEWS, AugmentSpec
 
 
 class RandomGaussianBlur:
@@ -38,14 +38,33 @@ class RandomGaussianBlur:
         return gaussian_blur(image[None], sigma, self.kernel_size)[0]
 
 
-def _view_pipeline(aug: AugmentSpec, size: int, mean: tuple, std: tuple, *, crop: bool,
-                   photometric: bool, flip: bool) -> v2.Compose:
-    """One view: crop (or square resize) -> flip -> float -> jitter, grayscale, blur -> normalise.
+class RandomWindow:
+    """The "window" view (`batched.sample_window_boxes`, per sample): the whole image resized at a
+    crop's scale (area fraction a ~ U(scale)), a size x size window cut from it at a random place."""
 
-    Steps whose probability or strength is zero are left out, so they cost nothing per call.
+    def __init__(self, size: int, scale: tuple[float, float]):
+        self.size, self.scale = size, scale
+
+    def __call__(self, image: Tensor) -> Tensor:
+        h, w = image.shape[-2:]
+        a = self.scale[0] + (self.scale[1] - self.scale[0]) * torch.rand(1).item()
+        bw, bh = (min(w, max(1, round(a ** 0.5 * w))), min(h, max(1, round(a ** 0.5 * h))))
+        x0 = int(torch.randint(0, w - bw + 1, (1,)).item())
+        y0 = int(torch.randint(0, h - bh + 1, (1,)).item())
+        return TF.resized_crop(image, y0, x0, bh, bw, [self.size, self.size], antialias=True)
+
+
+def _view_pipeline(aug: AugmentSpec, size: int, mean: tuple, std: tuple, *, crop: bool | str,
+                   photometric: bool, flip: bool) -> v2.Compose:
+    """One view: crop (or square resize, or window) -> flip -> float -> jitter, grayscale, blur -> normalise.
+
+    `crop`: True a random resized crop, False the square resize of the whole image, "window" a
+    `RandomWindow`. Steps whose probability or strength is zero are left out, so they cost nothing.
     """
-    if crop:
-        steps: list[Any] = [v2.RandomResizedCrop(size, aug.crop_scale, aug.crop_ratio, antialias=True)]
+    if crop == "window":
+        steps: list[Any] = [RandomWindow(size, aug.crop_scale)]
+    elif crop:
+        steps = [v2.RandomResizedCrop(size, aug.crop_scale, aug.crop_ratio, antialias=True)]
     else:
         steps = [v2.Resize((size, size), antialias=True)]
     if flip and aug.flip_p > 0:
@@ -107,9 +126,36 @@ class TwoViewTransform:
         return _plain(self.crop(image)), _plain(self.crop(image))
 
 
-def make_view_transform(method: str, aug: AugmentSpec, size: int, mean: Sequence[float],
-                        std: Sequence[float]) -> TripleViewTransform | TwoViewTransform:
-    """The training transform of a method: three views for "leoclr", two crops for "mocov2"."""
+class KindsViewTransform:
+    """Any sequence of view kinds (`batched.VIEW_KINDS`): image -> one view per kind. Crops take the
+    crop recipe; "original" and "window" views take the original_* options (`augment.views`)."""
+
+    def __init__(self, aug: AugmentSpec, size: int, mean: Sequence[float], std: Sequence[float],
+                 kinds: Sequence[str]):
+        mean, std = check_view_args(size, mean, std)
+        if not kinds or any(k not in VIEW_KINDS for k in kinds):
+            raise ValueError(f"kinds must be a non-empty sequence of {VIEW_KINDS}, got {list(kinds)}")
+        self.kinds = tuple(kinds)
+        geometry = {"original": False, "crop": True, "window": "window"}
+        self.pipelines = [
+            _view_pipeline(aug, size, mean, std, crop=geometry[k], photometric=k == "crop" or aug.original_photometric,
+                           flip=k == "crop" or aug.original_flip)
+            for k in self.kinds
+        ]
+
+    def __call__(self, image: Any) -> tuple[Tensor, ...]:
+        image = _as_uint8_tensor(image)
+        return tuple(_plain(p(image)) for p in self.pipelines)
+
+
+def make_view_transform(method: str, aug: AugmentSpec, size: int, mean: Sequence[float], std: Sequence[float],
+                        kinds: Sequence[str] | None = None) -> TripleViewTransform | TwoViewTransform | KindsViewTransform:
+    """The training transform of a method: three views for "leoclr", two crops for "mocov2"; with
+    `kinds` other than the method's own (`augment.views`), one view of each of those kinds."""
+    if method not in METHOD_VIEWS:
+        raise ValueError(f"unknown method {method!r}; expected 'leoclr' or 'mocov2'")
+    if kinds is not None and tuple(kinds) != METHOD_VIEWS[method]:
+        return KindsViewTransform(aug, size, mean, std, kinds)
     if method == "leoclr":
         return TripleViewTransform(aug, size, mean, std)
     if method == "mocov2":
