@@ -43,7 +43,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def free_ports(n: int) -> list[int]:
+def free_ports(n: int = 1) -> list[int]:
     """n distinct free ports (each probed while the others are still held)."""
     socks = [socket.socket() for _ in range(n)]
     try:

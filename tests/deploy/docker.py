@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.backends import free_ports  # noqa: F401 - the deploy tests take their ports from here too
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = "leoclr:0.1.0"
@@ -42,18 +43,6 @@ def figure(line: str) -> None:
     """Records a measured figure: printed now and again in the session's summary."""
     FIGURES.append(line)
     print(f"deploy {line}", flush=True)
-
-
-def free_ports(n: int = 1) -> list[int]:
-    """n distinct free ports on 127.0.0.1 (each probed while the others are still held)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _tail(text: str, n: int = 4000) -> str:
