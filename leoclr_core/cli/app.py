@@ -267,9 +267,9 @@ def method_study(
     """LeOCLR against MoCo-v2 over seeds, a sweep of capacity, epochs and view size, and controls that
     separate the hypotheses (docs/method-study.md). Resumable: a re-run skips the recorded runs.
 
-    The default tiny study (3 seeds, 72 runs, 1,080 epochs) is estimated at about 41 minutes on an idle
-    2-core CPU, from measured per-epoch costs; --scale resnet18 runs the same study at ResNet scale
-    on one GPU (estimated 1.5 hours on an H200, not measured). --dry-run prints the estimate."""
+    The default tiny study (3 seeds, 81 runs, 1,200 epochs) took 37 minutes on a 2-core CPU;
+    --scale resnet18 runs the same study at ResNet scale on one GPU (estimated 1.5 hours on an
+    H200, not measured). --dry-run prints the estimate of what is left."""
     from leoclr_core.studies.method_study import run_study
 
     try:

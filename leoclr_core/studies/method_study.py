@@ -23,8 +23,8 @@ Design
   when the interval excludes 0), `report.md` (the tables and the reading of the hypotheses), and
   `diff-<axis>.png` (LeOCLR - MoCo-v2 against each axis, with the CI as error bars).
 
-Cost (`COST`, docs/method-study.md "Cost"): the default tiny study (3 seeds, 72 runs, 1,080 epochs)
-is estimated at about 41 minutes on a 2-core CPU, from measured per-epoch and per-step costs;
+Cost (`COST`, docs/method-study.md "Cost"): the default tiny study (8 cells, 3 seeds, 81 runs, 1,200
+epochs) took 37 minutes of runs on a 2-core CPU, and the cost model, fitted to those runs, says 36;
 `--scale resnet18` runs the same study unchanged on one GPU, estimated at about 1.5 hours on an H200
 (from the engine benchmark, not measured). `--dry-run` prints the estimate of what is left.
 """
@@ -153,7 +153,7 @@ TINY = Scale(
                "loss.queue_size=512", "optim.batch_size=128", "optim.epochs=20", "eval.knn_every=0",
                "eval.linear_probe=true", "checkpoint.every=5"),
     axes=(
-        Axis("width", "model.width", (8, 16, 32), "tiny convnet width (channels of the first stage)"),
+        Axis("width", "model.width", (8, 16, 32, 64), "tiny convnet width (channels of the first stage)"),
         Axis("epochs", "optim.epochs", (10, 20, 40), "pretraining epochs"),
         Axis("view", "data.image_size", (12, 16, 24), "view size (px; scenes are 32 px)"),
     ),
@@ -193,13 +193,13 @@ QUICK_FRACTIONS = (0.1, 0.2)  # of 128 scenes in 10 classes: 1% would be under o
 # eval_s: the evaluations and data generation of one run; relative: step cost of other values of a
 # field (or of MoCo-v2) against the base, measured step for step.
 COST: dict[str, dict[str, Any]] = {
-    # tiny, measured here on 2026-11-30: LeOCLR epochs of the base took 1.3-1.8 s whenever the shared
-    # machine was quiet (as the demo's 2,500-2,650 instances/s with --local, docs/performance.md);
-    # the evaluations of one run 3.5 and 9.5 s; the relative costs are the minimum of 3 interleaved
-    # repeats of 3 training steps of 256 with their batched views.
-    "tiny": {"epoch_s": 1.6, "images": 4096, "eval_s": 6.0, "where": "a 2-core CPU",
-             "mocov2": 0.82,
-             "relative": {"model.width": {8: 0.76, 16: 1.0, 32: 2.66}, "data.image_size": {12: 0.83, 16: 1.0, 24: 2.5}}},
+    # tiny, measured here on 2026-11-30 by the study itself (81 runs, 3 seeds, 2 cores): a base LeOCLR
+    # epoch 1.28 s (25.6 s for 20); the evaluations of a run 2.9 s on average; the relative costs
+    # are mean training seconds of each cell's runs against the base's, LeOCLR for LeOCLR.
+    "tiny": {"epoch_s": 1.28, "images": 4096, "eval_s": 2.9, "where": "a 2-core CPU",
+             "mocov2": 0.73,
+             "relative": {"model.width": {8: 0.64, 16: 1.0, 32: 1.80, 64: 4.88},
+                          "data.image_size": {12: 0.78, 16: 1.0, 24: 1.69}}},
     # resnet18: NOT measured. From the H200 engine bench (docs/performance.md: ResNet-18 CIFAR stem,
     # 32 px, batch 512, about 18,000 instances/s end to end eager) and FLOPs for depth and view size;
     # eval_s is dominated by generating 12,240 scenes of 64 px on the host.
@@ -551,7 +551,8 @@ def run_one(study: Study, run: Run, console: Console | None = None) -> dict[str,
         "config": study.configs[run.key], "scale": study.scale.name, "quick": study.quick,
         "epochs": spec.optim.epochs if ARMS[run.arm].train else 0, "metrics": metrics,
         "seconds": t2 - t0, "train_seconds": t1 - t0, "eval_seconds": t2 - t1, "device": study.device,
-        "run_dir": str(spec.out_dir), "finished_at": time.time(),
+        # Relative to the study folder, so the records stay true when the folder is moved or published.
+        "run_dir": Path(spec.out_dir).relative_to(study.output).as_posix(), "finished_at": time.time(),
     }
 
 
@@ -625,15 +626,27 @@ def read_hypotheses(diffs: Sequence[dict[str, Any]], cell: str = "base") -> list
     return rows
 
 
+def _agreement(row: dict[str, Any]) -> str:
+    if row["sign"] in ("+", "-"):
+        return ", ".join(row["agrees"]) or "neither"
+    if row["sign"] == "0":
+        return "undecided (fits " + (", ".join(row["agrees"]) or "neither") + ")"
+    return "-"
+
+
 def verdict(rows: Sequence[dict[str, Any]]) -> str:
-    """One line per hypothesis: predictions met (a "0" is met only weakly: an interval holding 0) and contradicted."""
+    """One line per hypothesis, by the standard a lead is called by: a prediction is met or
+    contradicted only by an interval that excludes 0; an interval holding 0 decides nothing (it is
+    also what too few seeds give), so those are counted apart, with how many a 0 would fit."""
     lines = []
     for h in HYPOTHESES:
-        decided = [r for r in rows if r["sign"] != "?"]
-        met = sum(1 for r in decided if h in r["agrees"])
-        strong = sum(1 for r in decided if h in r["agrees"] and r["sign"] != "0")
-        lines.append(f"- {h}: {met} of {len(rows)} predictions met ({strong} by an interval that excludes 0), "
-                     f"{len(decided) - met} contradicted, {len(rows) - len(decided)} undecided (one seed or not run)")
+        decisive = [r for r in rows if r["sign"] in ("+", "-")]
+        met = sum(1 for r in decisive if h in r["agrees"])
+        held = [r for r in rows if r["sign"] == "0"]
+        fits = sum(1 for r in held if h in r["agrees"])
+        lines.append(f"- {h}: {met} met and {len(decisive) - met} contradicted by an interval that excludes 0; "
+                     f"{len(held)} undecided (the interval holds 0; a 0 is what {fits} of them predict); "
+                     f"{len(rows) - len(decisive) - len(held)} not run or one seed")
     return "\n".join(lines)
 
 
@@ -709,7 +722,7 @@ def markdown_report(study: Study, records: Sequence[dict[str, Any]], summary: Se
         obs = "not run" if o is None else f"{_fmt(o['mean'], True)} [{_fmt(o['ci_low'], True)}, {_fmt(o['ci_high'], True)}]"
         out.append(f"| {p.comparison[0]} - {p.comparison[1]} | {metric_label(p.metric)} | "
                    + " | ".join(" or ".join(p.signs[h]) for h in HYPOTHESES)
-                   + f" | {obs} ({r['sign']}) | {', '.join(r['agrees']) or '-'} | {p.why} |")
+                   + f" | {obs} ({r['sign']}) | {_agreement(r)} | {p.why} |")
     out += ["", "Signs: + / - the 95% interval excludes 0 on that side; 0 it holds 0; ? one seed.", "",
             verdict(rows), ""]
     return "\n".join(out)

@@ -87,7 +87,12 @@ def test_summary_pairs_arms_by_seed_and_reads_the_hypotheses():
     first = rows[0]  # LeOCLR - MoCo-v2 on crops: H1 predicts +, H2 0 or -
     assert first["sign"] == "-" and first["agrees"] == [ms.H2]
     assert all(r["sign"] == "?" for r in rows[1:] if r["observed"] is None)
-    assert "H2 view match: 1 of 4 predictions met (1 by an interval" in ms.verdict(rows)
+    assert "H2 view match: 1 met and 0 contradicted by an interval that excludes 0; 0 undecided" in ms.verdict(rows)
+    assert "H1 crop semantics: 0 met and 1 contradicted" in ms.verdict(rows)
+    # An interval holding 0 decides nothing, whichever hypothesis a 0 would fit.
+    held = [{**first, "sign": "0", "agrees": [ms.H2]}]
+    assert "H2 view match: 0 met and 0 contradicted by an interval that excludes 0; 1 undecided (the interval holds 0; " \
+           "a 0 is what 1 of them predict)" in ms.verdict(held)
 
 
 def test_records_resume_skips_finished_runs_and_reruns_a_changed_config(tmp_path):
@@ -108,13 +113,14 @@ def test_records_resume_skips_finished_runs_and_reruns_a_changed_config(tmp_path
 
 def test_plan_puts_controls_in_the_base_cell_and_seeds_first():
     cells = ms.cells_of(ms.TINY.axes, {"width": 16, "epochs": 20, "view": 16})
-    assert [c.name for c in cells] == ["base", "width=8", "width=32", "epochs=10", "epochs=40", "view=12", "view=24"]
+    assert [c.name for c in cells] == ["base", "width=8", "width=32", "width=64", "epochs=10", "epochs=40", "view=12",
+                                       "view=24"]
     assert cells[0].coords == {"width": 16, "epochs": 20, "view": 16} and cells[1].overrides == ("model.width=8",)
     runs = ms.plan_runs(cells, [0, 1, 2])
-    assert len(runs) == 3 * (7 * 3 + 3)
+    assert len(runs) == 3 * (8 * 3 + 3)
     assert {r.arm for r in runs if r.cell.name != "base"} == {"LeOCLR", "MoCo-v2", "random-init"}
-    assert [r.seed for r in runs[:24]] == [0] * 24
-    assert len(ms.plan_runs(cells, [0], controls="all")) == 7 * 6
+    assert [r.seed for r in runs[:27]] == [0] * 27
+    assert len(ms.plan_runs(cells, [0], controls="all")) == 8 * 6
     with pytest.raises(ValueError, match="controls"):
         ms.plan_runs(cells, [0], controls="some")
 
