@@ -19,8 +19,8 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/leoclr submit configs/demo.yaml --serve
 
-# Two pytest workers: every test that starts Ray or a service on one, in file order (tests/conftest.py),
-# the unit tests on the other while those wait on their processes.
+# Two pytest workers (tests/conftest.py): the integration tests (Ray clusters) on one, in file order;
+# the unit tests on the other while those wait on their processes, then the end-to-end tests.
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadscope -m "not chaos and not deploy" --durations=25
 

@@ -4,25 +4,44 @@ MLflow server or a user's Ray cluster."""
 import pytest
 
 ALONGSIDE = ("unit", "deploy")  # test folders whose tests start no cluster and no service
+# Modules of the other tiers that start no Ray cluster (only servers of their own: MLflow, S3, a
+# service told to find no head), so they need not wait their turn with the cluster tests.
+ALONGSIDE_MODULES = ("integration/test_tracking.py", "integration/test_s3.py", "e2e/test_serve_without_ray.py")
+# The tests that start Ray or a service, in two groups; each runs on one worker, in file order.
+# The first starts at once; the second only once the other worker is through the ALONGSIDE tests.
+CLUSTER_GROUPS = ("integration", "e2e")
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """Under `pytest -n 2 --dist loadscope` (make test), every test that starts Ray or a service
-    runs on one worker, in file order, as in a plain run (module-scoped clusters stay shared, no two
-    clusters compete): those tests leave much of a 2-core machine idle while they wait on processes,
-    and the tests of ALONGSIDE run on the other worker meanwhile, one at a time. (xdist's own
-    xdist_group marks do not reach its scheduler under pytest 9.)"""
+    """Under `pytest -n 2 --dist loadscope` (make test): one worker runs the integration tests (Ray
+    clusters, one per module), the other the unit tests, then the end-to-end tests (services, each
+    with a head of its own). Each group keeps file order and its module-scoped clusters and
+    services, and at most two clusters run at once. The unit tests take about a third of the run,
+    and the cluster tests leave much of a 2-core machine idle while they wait on processes, so
+    putting the end-to-end tests after the unit tests rather than after the integration tests
+    shortens the run. (xdist's own xdist_group marks do not reach its scheduler under pytest 9.)"""
     if config.getvalue("dist") != "loadscope":
         return None
     from xdist.scheduler import LoadScopeScheduling
 
-    class ClusterTestsTogether(LoadScopeScheduling):
+    def rank(scope: str) -> int:
+        return {CLUSTER_GROUPS[0]: 0, CLUSTER_GROUPS[1]: 2}.get(scope, 1)
+
+    class ClusterGroupsAroundTheRest(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             parts = nodeid.split("/")
-            return nodeid if len(parts) > 2 and parts[1] in ALONGSIDE else "cluster"
+            if len(parts) > 2 and (parts[1] in ALONGSIDE or "/".join(parts[1:3]).split("::")[0] in ALONGSIDE_MODULES):
+                return nodeid
+            return parts[1] if len(parts) > 2 and parts[1] in CLUSTER_GROUPS else CLUSTER_GROUPS[0]
 
-    return ClusterTestsTogether(config, log)
+        def _assign_work_unit(self, node) -> None:
+            # The queue, ordered by size by default: first group first, second group last.
+            for scope in sorted(self.workqueue, key=rank):
+                self.workqueue.move_to_end(scope)
+            super()._assign_work_unit(node)
+
+    return ClusterGroupsAroundTheRest(config, log)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -236,16 +236,27 @@ def _registered(s3, bucket: str, run_prefix: str, name: str) -> bool:
 
 
 def _train_worker_pids() -> list[int]:
-    pids = []
+    """Ray Train workers of the module's cluster: descendants of this process (its raylet's workers),
+    not those of a cluster another test process runs beside it."""
+    parent, workers = {}, []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
                 cmd = (proc / "cmdline").read_bytes()
-            except OSError:
+                parent[int(proc.name)] = int((proc / "stat").read_text().rpartition(")")[2].split()[1])
+            except (OSError, ValueError, IndexError):
                 continue
             if cmd.startswith(b"ray::RayTrainWorker"):
-                pids.append(int(proc.name))
-    return pids
+                workers.append(int(proc.name))
+
+    def ours(pid: int) -> bool:
+        while pid > 1:
+            pid = parent.get(pid, 0)
+            if pid == os.getpid():
+                return True
+        return False
+
+    return [pid for pid in workers if ours(pid)]
 
 
 def test_a_killed_worker_does_not_lose_the_run(ray_cluster, s3, bucket, tmp_path):

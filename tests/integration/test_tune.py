@@ -130,7 +130,13 @@ def test_a_finished_search_run_again_on_another_tracking_store_says_it_starts_af
     from leoclr_core import tracking
     from leoclr_core.distributed.tune import run_tune
 
-    spec, settings, first, tmp = finished_search
+    _, settings, first, tmp = finished_search
+    # The same search (name and storage: what finds a search's Tune experiment), shrunk to two
+    # one-epoch trials: what is checked is where it runs and what it says, not how it ranks.
+    shrunk = tune_spec(tmp, space={"loss.temperature": {"type": "grid", "values": [0.05, 1.0]}},
+                       scheduler={"type": "none"})
+    shrunk["base"]["optim"]["epochs"] = 1
+    spec = parse_spec(shrunk)
     other = CoreSettings(data_dir=settings.data_dir, mlflow_tracking_uri=f"sqlite:///{tmp / 'other-mlflow.db'}")
 
     afresh = run_tune(spec, settings=other)
@@ -138,7 +144,7 @@ def test_a_finished_search_run_again_on_another_tracking_store_says_it_starts_af
     c = tracking.client(other)
     children = c.search_runs([c.get_run(afresh.run_id).info.experiment_id],
                              filter_string=f"tags.`mlflow.parentRunId` = '{afresh.run_id}'")
-    assert sorted(r.data.tags["leoclr.trial"] for r in children) == [f"trial-{i:03d}" for i in range(4)]
+    assert sorted(r.data.tags["leoclr.trial"] for r in children) == ["trial-000", "trial-001"]
     assert all(r["mlflow_run_id"] for r in afresh.table) and afresh.encoder.version == "1"
     # Trained again, not replayed from the first search's checkpoints: every trial logged epoch 1.
     assert all(c.get_metric_history(r.info.run_id, "epoch/loss")[0].step == 1 for r in children)
