@@ -29,16 +29,21 @@ def pytest_xdist_make_scheduler(config, log):
         return {CLUSTER_GROUPS[0]: 0, CLUSTER_GROUPS[1]: 2}.get(scope, 1)
 
     class ClusterGroupsAroundTheRest(LoadScopeScheduling):
+        ranked = False
+
         def _split_scope(self, nodeid: str) -> str:
-            parts = nodeid.split("/")
-            if len(parts) > 2 and (parts[1] in ALONGSIDE or "/".join(parts[1:3]).split("::")[0] in ALONGSIDE_MODULES):
+            folder, _, rest = nodeid.partition("tests/")[2].partition("/")
+            if folder in ALONGSIDE or f"{folder}/{rest.partition('::')[0]}" in ALONGSIDE_MODULES:
                 return nodeid
-            return parts[1] if len(parts) > 2 and parts[1] in CLUSTER_GROUPS else CLUSTER_GROUPS[0]
+            return folder if folder in CLUSTER_GROUPS else CLUSTER_GROUPS[0]
 
         def _assign_work_unit(self, node) -> None:
-            # The queue, ordered by size by default: first group first, second group last.
-            for scope in sorted(self.workqueue, key=rank):
-                self.workqueue.move_to_end(scope)
+            # schedule() builds the queue once, ordered by size: put the first group first and the
+            # second last, once, before the first unit is handed out.
+            if not self.ranked:
+                for scope in sorted(self.workqueue, key=rank):
+                    self.workqueue.move_to_end(scope)
+                self.ranked = True
             super()._assign_work_unit(node)
 
     return ClusterGroupsAroundTheRest(config, log)
